@@ -1,0 +1,103 @@
+"""Expert FFNs stored as stacked `[E, ...]` tensors, so one grouped matmul serves all experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ava.config import ModelConfig
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs this dtype/device/alignment (else use the segment loop).
+
+    CPU: fp32, or bf16 with 16-byte aligned rows. CUDA: bf16 on Hopper or newer.
+    """
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    aligned = all(s * x.element_size() % 16 == 0 for s in (w.shape[-2], w.shape[-1]))
+    if x.device.type == "cpu":
+        return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and aligned)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, backend: str) -> torch.Tensor:
+    """Rows of `x` sorted by expert, `counts[e]` of them for expert e, times that expert's matrix."""
+    use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_NI, w_EIO))
+    if use_grouped:
+        offsets = torch.cumsum(counts_E, 0).to(torch.int32)
+        return torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offsets)
+    segments = x_NI.split(counts_E.tolist())
+    return torch.cat([seg @ w_EIO[e] for e, seg in enumerate(segments)], dim=0)
+
+
+class Experts(nn.Module):
+    """E expert FFNs: `gelu` (w1 [E,H,I], b1 [E,I], w2 [E,I,H], b2 [E,H]) or `swiglu` (no biases)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
+        self.num_experts, self.activation, self.backend = e, cfg.activation, cfg.expert_backend
+        if cfg.activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(e, h, i))
+            self.w_up = nn.Parameter(torch.empty(e, h, i))
+            self.w_down = nn.Parameter(torch.empty(e, i, h))
+        else:
+            self.w1 = nn.Parameter(torch.empty(e, h, i))
+            self.w2 = nn.Parameter(torch.empty(e, i, h))
+            self.b1 = nn.Parameter(torch.zeros(e, i)) if cfg.bias else None
+            self.b2 = nn.Parameter(torch.zeros(e, h)) if cfg.bias else None
+
+    def forward(self, x_NH: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert."""
+        if self.activation == "swiglu":
+            gate = grouped_matmul(x_NH, self.w_gate, counts_E, self.backend)
+            up = grouped_matmul(x_NH, self.w_up, counts_E, self.backend)
+            return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E, self.backend)
+        h = grouped_matmul(x_NH, self.w1, counts_E, self.backend)
+        if self.b1 is not None:
+            h = h + self.b1[expert_N]
+        y = grouped_matmul(F.gelu(h), self.w2, counts_E, self.backend)
+        if self.b2 is not None:
+            y = y + self.b2[expert_N]
+        return y
+
+
+class DenseFFN(nn.Module):
+    """One dense FFN of the experts' shape: the `residual` overflow path and the dense baseline."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.ffn_size
+        self.activation = cfg.activation
+        if cfg.activation == "swiglu":
+            self.gate_proj = nn.Linear(h, i, bias=False)
+            self.up_proj = nn.Linear(h, i, bias=False)
+        else:
+            self.up_proj = nn.Linear(h, i, bias=cfg.bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def init_experts(experts: Experts, std: float, out_std: float) -> None:
+    """Normal init; output projections scaled by depth (`out_std`), biases zero."""
+    with torch.no_grad():
+        for name, p in experts.named_parameters():
+            if name.startswith("b"):
+                p.zero_()
+            else:
+                p.normal_(0.0, out_std if name in ("w2", "w_down") else std)
+
+
+def depth_scaled_std(std: float, num_layers: int) -> float:
+    """GPT-2 style: residual-branch outputs shrink with depth so the residual stream stays O(1)."""
+    return std / math.sqrt(2 * num_layers)

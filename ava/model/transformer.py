@@ -1,0 +1,170 @@
+"""`AvaForCausalLM`: pre-norm MoE transformer blocks, tied embeddings, causal LM loss.
+
+Single-device PyTorch: no DeepSpeed, no I/O. Sharding and precision are the trainer's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ava.config import ModelConfig
+from ava.model.attention import CausalSelfAttention, KVCache
+from ava.model.experts import depth_scaled_std, init_experts
+from ava.model.moe import MoELayer, RouterStats
+from ava.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """`x + Attn(Norm(x))`, then `x + MoE(Norm(x))`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.moe_norm = make_norm(cfg)
+        self.moe = MoELayer(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_valid: Optional[torch.Tensor] = None,
+        past_kv: Optional[KVCache] = None,
+    ) -> tuple[torch.Tensor, RouterStats, KVCache]:
+        a, kv = self.attn(self.attn_norm(x), cos, sin, key_valid, past_kv)
+        x = x + a
+        m, stats = self.moe(self.moe_norm(x))
+        return x + m, stats, kv
+
+
+@dataclass
+class AvaOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None  # mean over layers
+    z_loss: Optional[torch.Tensor] = None  # mean over layers
+    router_stats: list[RouterStats] = field(default_factory=list)
+    past_key_values: Optional[list[KVCache]] = None
+
+
+class AvaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = depth_scaled_std(std, self.cfg.num_layers)
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    is_output = name.endswith(("o_proj", "down_proj"))
+                    module.weight.normal_(0.0, out_std if is_output else std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                    module.reset_parameters()
+            for layer in self.layers:
+                init_experts(layer.moe.experts, std, out_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[list[KVCache]] = None,
+        use_cache: bool = False,
+    ) -> AvaOutput:
+        """`labels[b, t]` is the target for position t (already shifted); -100 is ignored.
+
+        `attention_mask` `[B, past + L]` (1 = token, 0 = padding) covers cached and new tokens;
+        with it, positions count real tokens only, so left-padded prompts decode correctly.
+        """
+        batch, seq = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if past_len + seq > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {past_len + seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=input_ids.device)
+                position_ids = position_ids.expand(batch, seq)
+        cos, sin = self.rotary(position_ids)
+
+        x = self.embed_tokens(input_ids)
+        stats: list[RouterStats] = []
+        cache: list[KVCache] = []
+        use_ckpt = self.cfg.activation_checkpointing and self.training and not use_cache
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            if use_ckpt:
+                x, s, kv = checkpoint(layer, x, cos, sin, attention_mask, past, use_reentrant=False)
+            else:
+                x, s, kv = layer(x, cos, sin, attention_mask, past)
+            stats.append(s)
+            if use_cache:
+                cache.append(kv)
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+
+        aux = torch.stack([s.aux_loss for s in stats]).mean()
+        z = torch.stack([s.z_loss for s in stats]).mean()
+        out = AvaOutput(logits=logits, aux_loss=aux, z_loss=z, router_stats=stats,
+                        past_key_values=cache if use_cache else None)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            out.loss = out.lm_loss + self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+        return out
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Unique parameters (tied weights once). Active: what one token uses — top_k of E experts,
+        without the `residual` FFN, which serves only overflow tokens."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active_only:
+            return total
+        cfg = self.cfg
+        for layer in self.layers:
+            expert_params = sum(p.numel() for p in layer.moe.experts.parameters())
+            total -= expert_params - expert_params // cfg.num_experts * cfg.top_k
+            if layer.moe.residual is not None:
+                total -= sum(p.numel() for p in layer.moe.residual.parameters())
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x (active non-embedding params + the LM-head matmul, which
+        a tied embedding still computes) + 12 x layers x hidden x seq_len for attention scores."""
+        cfg = self.cfg
+        embedding = cfg.vocab_size * cfg.hidden_size
+        matmul_params = self.num_parameters(active_only=True) - embedding
+        if self.lm_head is None:
+            matmul_params += embedding
+        return 6 * matmul_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
