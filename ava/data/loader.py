@@ -1,0 +1,113 @@
+"""`BlockLoader`: an infinite, resumable, rank-sharded iterator of micro-batches of blocks.
+
+Epoch `e` shuffles all block indices with a generator seeded by `(seed, e)`, so every rank
+computes the same permutation without communication. The permutation is cut to a multiple of
+`world_size`, and rank `r` takes every `world_size`-th index starting at `r`: shards are
+disjoint and of equal size. Each shard is then cut to whole micro-batches. So, per epoch, up
+to `world_size - 1` blocks (not in any shard) and up to `micro_batch_size - 1` blocks per rank
+(the incomplete last batch) are not used; since the permutation changes every epoch, different
+blocks are left out each time. Every rank yields exactly `batches_per_epoch` batches per epoch,
+which keeps data-parallel ranks in lock step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Protocol
+
+import numpy as np
+import torch
+
+
+class Blocks(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+class BlockLoader:
+    """next(loader) -> {"input_ids": LongTensor[B, L], "labels": LongTensor[B, L]}, where
+    `labels[:, t] == input_ids[:, t + 1]` within a block (targets already aligned)."""
+
+    def __init__(self, blocks: Blocks, *, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.blocks = blocks
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_blocks = len(blocks)
+        self.blocks_per_rank = self.num_blocks // world_size
+        self.batches_per_epoch = self.blocks_per_rank // micro_batch_size
+        self.epoch = 0
+        self.position = 0  # batches already yielded in `epoch`
+        self._order: Optional[np.ndarray] = None
+        self._order_epoch = -1
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's block indices for `epoch`, in the order they are served (whole batches)."""
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+            else:
+                order = np.arange(self.num_blocks)
+            used = order[: self.blocks_per_rank * self.world_size]
+            shard = used[self.rank:: self.world_size]
+            self._order = shard[: self.batches_per_epoch * self.micro_batch_size]
+            self._order_epoch = epoch
+        assert self._order is not None
+        return self._order
+
+    def __iter__(self) -> BlockLoader:
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{self.num_blocks} blocks cannot fill one micro-batch per rank "
+                f"(micro_batch_size={self.micro_batch_size} x world_size={self.world_size}); "
+                "use more data, a smaller data.seq_len or a smaller micro batch")
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+        start = self.position * self.micro_batch_size
+        indices = self.shard(self.epoch)[start:start + self.micro_batch_size]
+        batch = torch.from_numpy(np.stack([self.blocks[int(i)] for i in indices])
+                                 .astype(np.int64))
+        self.position += 1
+        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Enough to continue exactly where this loader is, plus the geometry it assumes."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size, "num_blocks": self.num_blocks,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: Dict[str, Any], strict: bool = True) -> None:
+        """Continue from `state`. With `strict` (default) the seed, block count, world size and
+        micro-batch size must match, which makes the continuation exact. With
+        `strict=False` a different world size or micro-batch size is accepted and the
+        position is mapped by the number of samples consumed so far in the epoch
+        (approximate: the shards differ)."""
+        for key in ("seed", "num_blocks", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]}, this loader has "
+                                 f"{getattr(self, key)}: the data or seed changed since the "
+                                 "checkpoint")
+        geometry = ("world_size", "micro_batch_size")
+        changed = [k for k in geometry if k in state and state[k] != getattr(self, k)]
+        if changed and strict:
+            raise ValueError("loader state was saved with " + ", ".join(
+                f"{k}={state[k]} (now {getattr(self, k)})" for k in changed)
+                + "; pass strict=False to continue approximately")
+        self.epoch = int(state["epoch"])
+        position = int(state["position"])
+        if changed:
+            consumed = position * state["micro_batch_size"] * state["world_size"]
+            position = consumed // (self.micro_batch_size * self.world_size)
+        self.position = min(position, self.batches_per_epoch)

@@ -1,0 +1,316 @@
+"""`prepare_data`: sources → validated documents → tokenizer → token cache → block datasets.
+
+Only rank 0 (of an initialised `torch.distributed` group; else the single process) reads and
+writes; the other ranks wait on a barrier, receive the cache directory (or rank 0's error)
+from rank 0, and memory-map the same files, so `data.cache_dir` must be on a filesystem that
+every rank sees. A second call with the same inputs finds the published cache and only opens
+it. The train/validation split is at document level: a permutation seeded by `seed` puts
+`round(val_fraction * documents)` documents (at least one when `val_fraction > 0` and there
+are two or more documents) in validation, so no document straddles the two splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ava.config import DataConfig
+from ava.data import cache
+from ava.data import tokenizer as tok
+from ava.data.errors import DataError, DataSourceError
+from ava.data.packing import TokenBlocks, token_dtype, tokenize, write_stream
+from ava.data.sources import Source, resolve_sources
+from ava.data.validate import ValidationReport, Validator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Everything the trainer needs from the data, all backed by one cache directory."""
+
+    train: TokenBlocks
+    val: TokenBlocks
+    tokenizer_path: Path
+    vocab_size: int
+    fingerprint: str  # cache key + seq_len: a resumed run must see the same value
+    report: ValidationReport
+    eos_id: int
+    pad_id: int
+    cache_path: Path
+    seq_len: int
+
+
+class _Output:
+    """Human output: rich on stderr when `progress`, else `logging` (INFO)."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.console = None
+        if progress:
+            from rich.console import Console
+
+            self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message, markup=False)
+        else:
+            log.info("%s", message)
+
+    def report(self, report: ValidationReport) -> None:
+        if self.console is not None:
+            report.print(self.console)
+        else:
+            for line in report.lines():
+                log.info("%s", line)
+
+
+def _dist_rank() -> Tuple[int, bool]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), True
+    return 0, False
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, val) document indices, each sorted; deterministic given `seed`."""
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _keys(data_cfg: DataConfig, sources: List[Source], seed: int,
+          model_vocab_size: int) -> Tuple[str, str, dict]:
+    """(cache key, corpus key, tokenizer identity). The corpus key covers what decides the
+    documents of each split; the cache key adds the tokenizer. `seq_len` is in neither:
+    blocks are views, so one cache serves every sequence length."""
+    corpus_key = cache.stable_hash({
+        "sources": [s.identity for s in sources], "max_doc_chars": data_cfg.max_doc_chars,
+        "val_fraction": data_cfg.val_fraction, "seed": seed,
+        "format_version": cache.CACHE_FORMAT_VERSION})
+    tcfg = data_cfg.tokenizer
+    if tcfg.path:
+        path = Path(tcfg.path).expanduser().resolve()
+        if not path.is_file():
+            raise DataSourceError(f"data.tokenizer.path={tcfg.path!r} does not exist")
+        identity = {"path": str(path), "sha256": tok.file_sha256(path),
+                    "eos": tcfg.eos_token, "pad": tcfg.pad_token}
+    else:
+        size = tok.target_vocab_size(tcfg, model_vocab_size)
+        identity = {"train": tok.training_key(tcfg, size, corpus_key),
+                    "eos": tcfg.eos_token, "pad": tcfg.pad_token}
+    return cache.stable_hash({"corpus": corpus_key, "tokenizer": identity}), corpus_key, identity
+
+
+def _read_documents(sources: List[Source], validator: Validator, path: Path, batch_size: int,
+                    progress: bool) -> int:
+    """Validate every record of every source and write the kept documents to an Arrow
+    stream file (column `text`), in source order; returns the number of documents."""
+    schema = pa.schema([("text", pa.string())])
+    written = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
+            tqdm(desc="read + validate", unit="doc", disable=not progress) as bar:
+        batch: List[str] = []
+        for source in sources:
+            bar.set_postfix_str(source.name[-60:], refresh=False)
+            try:
+                for text in validator(_counted(source.records(), bar)):
+                    batch.append(text)
+                    if len(batch) >= batch_size:
+                        writer.write_batch(pa.record_batch([pa.array(batch, pa.string())],
+                                                           schema=schema))
+                        written += len(batch)
+                        batch = []
+            except (OSError, pa.ArrowException) as exc:
+                raise DataSourceError(f"{source.name}: read failed: {exc}") from exc
+        if batch:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+            written += len(batch)
+    return written
+
+
+def _counted(records: Iterator, bar: tqdm) -> Iterator:
+    for record in records:
+        bar.update()
+        yield record
+
+
+def _text_batches(dataset, batch_size: int) -> Iterator[List[str]]:
+    for batch in dataset.iter(batch_size=batch_size):
+        yield batch["text"]
+
+
+def _obtain_tokenizer(data_cfg: DataConfig, train_ds, identity: dict, root: Path,
+                      model_vocab_size: int, progress: bool, out: _Output):
+    """Load `data.tokenizer.path`, or reuse/train the BPE tokenizer cached under its key."""
+    tcfg = data_cfg.tokenizer
+    if tcfg.path:
+        return tok.load_tokenizer(Path(identity["path"]))
+    cached = root / "tokenizers" / f"bpe-{identity['train'][:16]}.json"
+    if cached.is_file():
+        out.say(f"data: reusing trained tokenizer {cached}")
+        return tok.load_tokenizer(cached)
+    if len(train_ds) == 0:
+        raise DataError("no training documents to train a tokenizer on")
+    size = tok.target_vocab_size(tcfg, model_vocab_size)
+    start = time.perf_counter()
+    trained = tok.train_tokenizer(_text_batches(train_ds, data_cfg.batch_size), cfg=tcfg,
+                                  vocab_size=size, length=len(train_ds), progress=progress)
+    tok.save_atomic(trained, cached)
+    out.say(f"data: trained byte-level BPE ({tok.vocab_size_of(trained)} ids, asked {size}) "
+            f"in {time.perf_counter() - start:.1f}s -> {cached}")
+    return trained
+
+
+def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict,
+           final: Path, seed: int, model_vocab_size: int, out: _Output) -> None:
+    """Build the cache directory `final` (in a scratch directory, then renamed into place)."""
+    import datasets
+
+    start = time.perf_counter()
+    root = final.parent
+    scratch = cache.scratch_dir(root, key)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not out.progress:
+        datasets.disable_progress_bars()
+    try:
+        work = scratch / "work"
+        work.mkdir()
+        validator = Validator(max_doc_chars=data_cfg.max_doc_chars, strict=data_cfg.strict,
+                              report_examples=data_cfg.report_examples)
+        n_docs = _read_documents(sources, validator, work / "documents.arrow",
+                                 data_cfg.batch_size, out.progress)
+        report = validator.report
+        if n_docs == 0:
+            raise DataError(f"data '{data_cfg.name}': no document survived validation; "
+                            + "; ".join(report.lines()))
+        documents = datasets.Dataset.from_file(str(work / "documents.arrow"))
+        train_idx, val_idx = split_indices(n_docs, data_cfg.val_fraction, seed)
+        splits = {"train": documents.select(train_idx), "val": documents.select(val_idx)}
+
+        tokenizer = _obtain_tokenizer(data_cfg, splits["train"], identity, root.parent,
+                                      model_vocab_size, out.progress, out)
+        vocab_size = tok.vocab_size_of(tokenizer)
+        tok.check_agreement(vocab_size, model_vocab_size)
+        eos_id, pad_id = tok.special_ids(tokenizer, data_cfg.tokenizer,
+                                         data_cfg.tokenizer.path or "trained tokenizer")
+        dtype = token_dtype(vocab_size)
+        counts = {}
+        for split, dataset in splits.items():
+            tokenized = None
+            if len(dataset):
+                tokenized = tokenize(dataset, tokenizer, eos_id=eos_id, dtype=dtype,
+                                     num_proc=data_cfg.num_proc,
+                                     batch_size=data_cfg.batch_size,
+                                     cache_file=work / f"tokens-{split}.arrow",
+                                     desc=f"tokenize {split}", fingerprint=f"{key[:32]}-{split}")
+            counts[split] = write_stream(tokenized, scratch / f"{split}.bin", dtype,
+                                         data_cfg.batch_size)
+        del documents, splits, tokenized
+        shutil.rmtree(work)
+        tokenizer.save(str(scratch / cache.TOKENIZER))
+        report.save(scratch / cache.REPORT)
+        cache.CacheMeta(key=key, name=data_cfg.name, dtype=dtype.name, vocab_size=vocab_size,
+                        eos_id=eos_id, pad_id=pad_id, train_tokens=counts["train"],
+                        val_tokens=counts["val"], train_documents=len(train_idx),
+                        val_documents=len(val_idx),
+                        build_seconds=round(time.perf_counter() - start, 3)).save(scratch)
+        cache.publish(scratch, final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    out.report(report)
+
+
+def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
+                   out: _Output) -> Path:
+    """Find or build the cache directory; returns its path."""
+    start = time.perf_counter()
+    root = cache.cache_root(data_cfg.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    sources = resolve_sources(data_cfg, hf_cache_dir=root.parent / "hf")
+    key, _corpus_key, identity = _keys(data_cfg, sources, seed, model_vocab_size)
+    final = root / f"{data_cfg.name}-{key[:16]}"
+    if cache.is_complete(final):
+        out.say(f"data: reusing cache {final} ({time.perf_counter() - start:.2f}s)")
+    else:
+        _build(data_cfg, sources, key, identity, final, seed, model_vocab_size, out)
+    return final
+
+
+def _open(final: Path, data_cfg: DataConfig, model_vocab_size: int) -> PreparedData:
+    if not cache.is_complete(final):
+        raise DataError(f"data cache {final} is missing on this rank: data.cache_dir must be "
+                        "on a filesystem shared by all ranks")
+    meta = cache.CacheMeta.load(final)
+    tok.check_agreement(meta.vocab_size, model_vocab_size)  # every rank fails alike
+    dtype = np.dtype(meta.dtype)
+    seq_len = data_cfg.seq_len
+    return PreparedData(
+        train=TokenBlocks(final / cache.TRAIN, dtype, seq_len, meta.train_tokens),
+        val=TokenBlocks(final / cache.VAL, dtype, seq_len, meta.val_tokens),
+        tokenizer_path=final / cache.TOKENIZER, vocab_size=meta.vocab_size,
+        fingerprint=cache.stable_hash({"cache": meta.key, "seq_len": seq_len})[:32],
+        report=ValidationReport.load(final / cache.REPORT), eos_id=meta.eos_id,
+        pad_id=meta.pad_id, cache_path=final, seq_len=seq_len)
+
+
+def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 1234,
+                 progress: bool = True) -> PreparedData:
+    """Prepare (or reuse) the token cache of `data_cfg` and open it as block datasets.
+
+    Raises `DataError` subclasses with messages naming the file, line or config key: a bad
+    source, a bad record under `data.strict=true`, or a tokenizer larger than
+    `model_vocab_size`. Under `torch.distributed`, every rank must call it.
+    """
+    start = time.perf_counter()
+    rank, distributed = _dist_rank()
+    out = _Output(progress and rank == 0)
+    final: Optional[Path] = None
+    failure: Optional[BaseException] = None
+    if rank == 0:
+        try:
+            final = _prepare_rank0(data_cfg, model_vocab_size, seed, out)
+        except Exception as exc:  # forwarded to the other ranks before re-raising
+            failure = exc
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        shared = [str(final) if final else None,
+                  f"{type(failure).__name__}: {failure}" if failure else None]
+        dist.broadcast_object_list(shared, src=0)
+        if rank != 0:
+            if shared[1] is not None:
+                raise DataError(f"rank 0 failed to prepare the data: {shared[1]}")
+            final = Path(shared[0])
+    if failure is not None:
+        raise failure
+    assert final is not None
+    prepared = _open(final, data_cfg, model_vocab_size)
+    if rank == 0:
+        note = tok.check_agreement(prepared.vocab_size, model_vocab_size)
+        if note:
+            out.say(f"data: {note}")
+        meta = cache.CacheMeta.load(final)
+        out.say(f"data: {data_cfg.name}: {meta.train_documents + meta.val_documents} documents "
+                f"({prepared.report.total_skipped} records skipped), "
+                f"{meta.train_tokens + meta.val_tokens} tokens, "
+                f"{len(prepared.train)} train + {len(prepared.val)} val blocks of "
+                f"{data_cfg.seq_len}+1, {time.perf_counter() - start:.2f}s, cache {final}")
+    return prepared

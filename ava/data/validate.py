@@ -1,0 +1,172 @@
+"""Record validation: every record read is either kept or counted as skipped with a reason.
+
+Readers (`formats.py`) turn raw input into `RawRecord`s that carry either text or the problem
+found while decoding/parsing it; `Validator` adds the checks that apply to every format
+(empty text, over-long documents), keeps the counts and examples, and enforces `strict`.
+The invariant `read == kept + sum(skipped.values())` holds by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional
+
+from ava.data.errors import DataValidationError
+
+# Reasons a record is skipped; the report and tests use these exact names.
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_JSON = "malformed_json"
+MISSING_FIELD = "missing_field"
+NON_STRING_FIELD = "non_string_field"
+EMPTY_TEXT = "empty_text"
+SKIP_REASONS = (INVALID_UTF8, MALFORMED_JSON, MISSING_FIELD, NON_STRING_FIELD, EMPTY_TEXT)
+# Not a skip: an over-long document kept as several pieces.
+SPLIT = "split_too_long"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read: `text`, or `reason` (+ `detail`) when it could not be decoded."""
+
+    location: str  # "file:line" (line-based formats) or "file:row N" (tables)
+    text: Optional[str] = None
+    reason: Optional[str] = None
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """Counts by reason and the first examples of each, saved as JSON next to the cache."""
+
+    read: int = 0
+    kept: int = 0
+    skipped: Dict[str, int] = field(default_factory=dict)
+    split_documents: int = 0  # kept documents longer than max_doc_chars
+    split_pieces: int = 0  # the documents they became
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def documents(self) -> int:
+        """Documents that reach the tokenizer (kept records, split ones counted per piece)."""
+        return self.kept - self.split_documents + self.split_pieces
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
+                "split_documents": self.split_documents, "split_pieces": self.split_pieces,
+                "documents": self.documents, "examples": {k: list(v) for k, v in
+                                                          self.examples.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ValidationReport:
+        return cls(read=data["read"], kept=data["kept"], skipped=dict(data["skipped"]),
+                   split_documents=data["split_documents"], split_pieces=data["split_pieces"],
+                   examples={k: list(v) for k, v in data["examples"].items()})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ValidationReport:
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def lines(self) -> List[str]:
+        """Plain-text rendering (one line per reason, with its examples)."""
+        out = [f"records read {self.read}, kept {self.kept}, skipped {self.total_skipped}"]
+        for reason, count in sorted(self.skipped.items()):
+            shown = ", ".join(self.examples.get(reason, []))
+            out.append(f"  skipped {reason}: {count}" + (f" (e.g. {shown})" if shown else ""))
+        if self.split_documents:
+            shown = ", ".join(self.examples.get(SPLIT, []))
+            out.append(f"  split {self.split_documents} over-long documents into "
+                       f"{self.split_pieces} pieces" + (f" (e.g. {shown})" if shown else ""))
+        return out
+
+    def print(self, console: Optional[object] = None) -> None:
+        """Print as a rich table (reason, count, examples)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console(stderr=True)
+        if not self.skipped and not self.split_documents:
+            console.print(f"data validation: read {self.read}, kept {self.kept}, "  # type: ignore[attr-defined]
+                          "nothing skipped or split")
+            return
+        table = Table(title=f"data validation: read {self.read}, kept {self.kept}, "
+                            f"skipped {self.total_skipped}")
+        table.add_column("reason")
+        table.add_column("count", justify="right")
+        table.add_column("first examples")
+        for reason, count in sorted(self.skipped.items()):
+            table.add_row(f"skipped: {reason}", str(count),
+                          "\n".join(self.examples.get(reason, [])))
+        if self.split_documents:
+            table.add_row(f"kept, split into {self.split_pieces} pieces",
+                          str(self.split_documents), "\n".join(self.examples.get(SPLIT, [])))
+        console.print(table)  # type: ignore[attr-defined]
+
+
+def split_text(text: str, max_chars: int) -> List[str]:
+    """Cut `text` into pieces of at most `max_chars`, preferring a whitespace boundary in the
+    second half of each window; the pieces concatenate back to `text` exactly."""
+    pieces: List[str] = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(ch, start + max_chars // 2, end) for ch in ("\n", " "))
+        end = cut + 1 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+class Validator:
+    """Consumes `RawRecord`s, yields the documents to keep, and fills a `ValidationReport`."""
+
+    def __init__(self, *, max_doc_chars: int, strict: bool, report_examples: int) -> None:
+        self.max_doc_chars = max_doc_chars
+        self.strict = strict
+        self.report_examples = report_examples
+        self.report = ValidationReport()
+        self._skipped: Counter = Counter()
+
+    def _example(self, reason: str, location: str) -> None:
+        shown = self.report.examples.setdefault(reason, [])
+        if len(shown) < self.report_examples:
+            shown.append(location)
+
+    def _skip(self, record: RawRecord, reason: str, detail: str) -> None:
+        if self.strict:
+            raise DataValidationError(
+                f"{record.location}: {reason}: {detail} (data.strict=true stops at the first "
+                "bad record; set data.strict=false to skip and count bad records instead)")
+        self._skipped[reason] += 1
+        self.report.skipped = dict(sorted(self._skipped.items()))
+        self._example(reason, record.location)
+
+    def __call__(self, records: Iterable[RawRecord]) -> Iterator[str]:
+        for record in records:
+            self.report.read += 1
+            if record.reason is not None:
+                self._skip(record, record.reason, record.detail)
+                continue
+            text = record.text
+            if text is None or not text.strip():
+                self._skip(record, EMPTY_TEXT, "the text is empty or only whitespace")
+                continue
+            self.report.kept += 1
+            if len(text) <= self.max_doc_chars:
+                yield text
+                continue
+            pieces = split_text(text, self.max_doc_chars)
+            self.report.split_documents += 1
+            self.report.split_pieces += len(pieces)
+            self._example(SPLIT, record.location)
+            yield from pieces

@@ -1,0 +1,96 @@
+"""prepare_data: cache reuse and invalidation, atomic publication, fingerprints, and the
+torch.distributed code path (one gloo rank, in process)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ava.config import SourceConfig
+from ava.data import BlockLoader, DataError, prepare_data
+from ava.data import prepare as prepare_module
+
+
+@pytest.fixture
+def corpus(tmp_path, documents):
+    path = tmp_path / "d.txt"
+    path.write_text("\n\n".join(documents))
+    return path
+
+
+def test_second_call_reuses_the_cache(corpus, data_config, monkeypatch):
+    cfg = data_config([SourceConfig(path=str(corpus))])
+    first = prepare_data(cfg, model_vocab_size=512, progress=False)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(prepare_module, "_build", no_build)
+    second = prepare_data(cfg, model_vocab_size=512, progress=False)
+    assert second.cache_path == first.cache_path and second.fingerprint == first.fingerprint
+    assert np.array_equal(second.train.tokens, first.train.tokens)
+    assert second.report.to_dict() == first.report.to_dict()
+    # seq_len only changes the view: same cache, different fingerprint (resume must refuse)
+    cfg.seq_len = 8
+    third = prepare_data(cfg, model_vocab_size=512, progress=False)
+    assert third.cache_path == first.cache_path and third.fingerprint != first.fingerprint
+    assert len(third.train) == (third.train.num_tokens - 1) // 8
+
+
+def test_changed_inputs_rebuild(corpus, data_config):
+    cfg = data_config([SourceConfig(path=str(corpus))])
+    base = prepare_data(cfg, model_vocab_size=512, progress=False)
+    other_seed = prepare_data(cfg, model_vocab_size=512, seed=99, progress=False)
+    assert other_seed.cache_path != base.cache_path
+    corpus.write_text(corpus.read_text() + "\n\nOne more document.")
+    os.utime(corpus, ns=(0, corpus.stat().st_mtime_ns + 10**9))
+    edited = prepare_data(cfg, model_vocab_size=512, progress=False)
+    assert edited.cache_path != base.cache_path and edited.fingerprint != base.fingerprint
+    assert edited.report.read == base.report.read + 1
+
+
+def test_interrupted_preparation_is_never_reused(corpus, data_config, monkeypatch):
+    cfg = data_config([SourceConfig(path=str(corpus))])
+    calls = []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_stream", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, model_vocab_size=512, progress=False)
+    data_root = Path(cfg.cache_dir) / "data"
+    assert calls and [p.name for p in data_root.iterdir()] == []  # scratch removed too
+    # a hard kill leaves a scratch directory behind: it is ignored
+    (data_root / ".tmp-leftover").mkdir()
+    monkeypatch.undo()
+    prepared = prepare_data(cfg, model_vocab_size=512, progress=False)
+    assert (prepared.cache_path / "meta.json").is_file() and len(prepared.train) > 0
+
+
+def test_no_surviving_document_is_a_clear_error(tmp_path, data_config):
+    (tmp_path / "bad.jsonl").write_text('{"text": ""}\n{"oops": 1}\n')
+    cfg = data_config([SourceConfig(path=str(tmp_path / "bad.jsonl"))])
+    with pytest.raises(DataError, match=r"no document survived.*read 2, kept 0"):
+        prepare_data(cfg, model_vocab_size=512, progress=False)
+
+
+def test_single_rank_process_group(corpus, data_config, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        cfg = data_config([SourceConfig(path=str(corpus))])
+        prepared = prepare_data(cfg, model_vocab_size=512, progress=False)
+        batch = next(BlockLoader(prepared.train, micro_batch_size=2, seed=0))
+        assert batch["input_ids"].shape == (2, cfg.seq_len)
+        with pytest.raises(DataError, match="does not exist"):
+            prepare_data(data_config([SourceConfig(path=str(tmp_path / "missing"))]),
+                         model_vocab_size=512, progress=False)
+    finally:
+        dist.destroy_process_group()
