@@ -1,0 +1,38 @@
+"""`ava-export SOURCE OUT_DIR [--layout ava|mixtral|auto] [--dtype fp32|bf16|fp16] [--max-shard-size 2GB]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from rich.console import Console
+
+from ava.export.exporter import ExportError, export_checkpoint
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ava-export", description=__doc__.split("`")[0] or None)
+    parser.add_argument("source", help="a run directory (newest complete checkpoint) or one checkpoint tag directory")
+    parser.add_argument("out_dir", help="where to write the model directory (must not exist or be empty)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "ava", "mixtral"],
+                        help="tensor names: Ava's own, or transformers' Mixtral (auto: mixtral when compatible)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="cast explicitly (default: keep the fp32 master weights)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        out = export_checkpoint(args.source, args.out_dir, layout=args.layout, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, progress=lambda m: console.print(f"[dim]{m}[/]"))
+    except (ExportError, ValueError, FileExistsError, FileNotFoundError) as err:
+        console.print(f"[bold red]ava-export: error:[/] {err}")
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

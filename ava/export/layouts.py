@@ -1,0 +1,150 @@
+"""Tensor-name layouts of an exported model: Ava's own, and `transformers`' Mixtral.
+
+Both directions live here so that export and load can never disagree on a name or a transpose.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+
+from ava.config import ModelConfig
+
+LAYOUTS = ("ava", "mixtral")
+_MIXTRAL_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_MIXTRAL_TO_AVA_EXPERT = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+
+
+def mixtral_incompatibilities(cfg: ModelConfig) -> list[str]:
+    """Settings that stop `cfg` from being expressed as a stock `MixtralForCausalLM`."""
+    problems = []
+    if cfg.norm != "rmsnorm":
+        problems.append(f"model.norm={cfg.norm!r} (Mixtral uses 'rmsnorm')")
+    if cfg.activation != "swiglu":
+        problems.append(f"model.activation={cfg.activation!r} (Mixtral experts are 'swiglu')")
+    if cfg.bias:
+        problems.append("model.bias=true (Mixtral has no biases)")
+    if cfg.overflow == "residual":
+        problems.append("model.overflow='residual' (Mixtral has no shared residual FFN)")
+    if cfg.eval_capacity_factor is not None:
+        problems.append(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (Mixtral inference is dropless)")
+    return problems
+
+
+def resolve_layout(cfg: ModelConfig, layout: str) -> str:
+    """`auto` picks mixtral when possible; an explicit `mixtral` that cannot be met is an error."""
+    if layout not in (*LAYOUTS, "auto"):
+        raise ValueError(f"layout={layout!r} is not supported; expected one of ['ava', 'mixtral', 'auto']")
+    problems = mixtral_incompatibilities(cfg)
+    if layout == "auto":
+        return "ava" if problems else "mixtral"
+    if layout == "mixtral" and problems:
+        raise ValueError(
+            "this model cannot be exported in the Mixtral layout; differing settings: "
+            + "; ".join(problems) + ". Use --layout ava (or auto)."
+        )
+    return layout
+
+
+def ava_to_mixtral(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename Ava tensors to Mixtral names; stacked experts `[E, H, I]` become per-expert `[I, H]`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            prefix = f"model.layers.{idx}."
+            if rest.startswith("moe.experts."):
+                ava_name = rest.rsplit(".", 1)[1]
+                w = {v: k for k, v in _MIXTRAL_TO_AVA_EXPERT.items()}[ava_name]
+                for e in range(cfg.num_experts):
+                    out[f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"] = t[e].t().contiguous()
+                continue
+            rest = (rest.replace("attn_norm.", "input_layernorm.")
+                    .replace("moe_norm.", "post_attention_layernorm.")
+                    .replace("attn.", "self_attn.")
+                    .replace("moe.router.gate.", "block_sparse_moe.gate."))
+            out[prefix + rest] = t
+        elif name == "lm_head.weight":
+            out[name] = t
+        else:  # embed_tokens.weight, norm.weight
+            out["model." + name] = t
+    return out
+
+
+def mixtral_to_ava(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `ava_to_mixtral`: restack per-expert matrices into `[E, H, I]` / `[E, I, H]`."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _MIXTRAL_EXPERT.fullmatch(name)
+        if m:
+            layer, e, w = m.groups()
+            experts.setdefault((layer, _MIXTRAL_TO_AVA_EXPERT[w]), {})[int(e)] = t
+            continue
+        if name == "lm_head.weight":
+            out[name] = t
+            continue
+        name = name.removeprefix("model.")
+        name = (name.replace("input_layernorm.", "attn_norm.")
+                .replace("post_attention_layernorm.", "moe_norm.")
+                .replace("self_attn.", "attn.")
+                .replace("block_sparse_moe.gate.", "moe.router.gate."))
+        out[name] = t
+    for (layer, ava_name), per_expert in experts.items():
+        missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
+        if missing:
+            raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({ava_name})")
+        out[f"layers.{layer}.moe.experts.{ava_name}"] = torch.stack(
+            [per_expert[e].t() for e in range(cfg.num_experts)]
+        ).contiguous()
+    return out
+
+
+def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pad_id: int) -> dict[str, Any]:
+    """`config.json`: Mixtral's exact keys for that layout, plus Ava's full config for exact reloads."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    common: dict[str, Any] = {"torch_dtype": dtype_name, "eos_token_id": eos_id, "pad_token_id": pad_id,
+                              "ava_config": asdict(cfg)}
+    if layout == "ava":
+        return {"architectures": ["AvaForCausalLM"], "model_type": "ava", "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+                "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_size,
+                "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
+                "rope_theta": cfg.rope_theta, "norm": cfg.norm, "hidden_act": cfg.activation,
+                "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings, **common}
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
+        "router_aux_loss_coef": cfg.aux_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False,
+        "sliding_window": None, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "bos_token_id": eos_id, **common,
+    }
+
+
+def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
+    """Ava's config from `config.json`: exact when Ava wrote it, else mapped from Mixtral's keys."""
+    if "ava_config" in config:
+        known = {f.name for f in fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in config["ava_config"].items() if k in known})
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    if kv_heads != heads:
+        raise ValueError(f"config.json: num_key_value_heads={kv_heads} != num_attention_heads={heads}; "
+                         "Ava's attention has no grouped-query attention, so this model cannot load")
+    rope = config.get("rope_parameters") or {}
+    return ModelConfig(
+        name=config.get("_name_or_path", "mixtral"), vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"], ffn_size=config["intermediate_size"],
+        num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
+        max_seq_len=config.get("max_position_embeddings", 4096),
+        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1e6))),
+        norm="rmsnorm", norm_eps=config.get("rms_norm_eps", 1e-5), activation="swiglu", bias=False,
+        tie_embeddings=config.get("tie_word_embeddings", False),
+    )

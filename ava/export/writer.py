@@ -1,0 +1,96 @@
+"""Write an exported model directory atomically: sharded safetensors, an index with checksums.
+
+Everything goes to a hidden temporary sibling first and is renamed into place at the end, so a
+crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in name order: a new shard starts when the next tensor would overflow this one."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_export_dir(
+    out_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    json_files: dict[str, dict[str, Any]],
+    text_files: dict[str, str],
+    copy_files: dict[str, Path],
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> Path:
+    """Write the directory; refuse to replace an existing non-empty one (nothing is lost)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or remove it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        groups = plan_shards(tensors, max_shard_bytes)
+        names = shard_names(len(groups))
+        weight_map, checksums, total = {}, {}, 0
+        for file_name, group in zip(names, groups, strict=False):
+            progress(f"writing {file_name} ({len(group)} tensors)")
+            part = {n: tensors[n].contiguous() for n in group}
+            save_file(part, tmp / file_name, metadata={"format": "pt"})
+            checksums[file_name] = sha256_file(tmp / file_name)
+            total += sum(t.numel() * t.element_size() for t in part.values())
+            weight_map.update(dict.fromkeys(group, file_name))
+        index = {"metadata": {"total_size": total, "sha256": checksums, **metadata}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for name, payload in json_files.items():
+            (tmp / name).write_text(json.dumps(payload, indent=2))
+        for name, text in text_files.items():
+            (tmp / name).write_text(text)
+        for name, src in copy_files.items():
+            shutil.copyfile(src, tmp / name)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,68 @@
+"""`ava-generate MODEL_DIR --prompt TEXT` (or `--config FILE`): load an export and generate, streaming."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from rich.console import Console
+
+from ava.inference.config_file import load_inference_config
+from ava.inference.errors import AvaInferenceError
+from ava.inference.loader import load_model
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ava-generate", description="Generate text from an ava-export directory.")
+    p.add_argument("model", nargs="?", help="exported model directory (or set `model` in --config)")
+    p.add_argument("--config", help="YAML/JSON inference config: model, device_map, max_memory, dtype, generation")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (left-padded)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string; repeatable")
+    p.add_argument("--device-map", help="cpu | cuda:N | auto")
+    p.add_argument("--gpu-layers", type=int, help="first N blocks on the GPU, the rest on the CPU")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast explicitly (default: stored dtype)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only quantization at load")
+    p.add_argument("--fallback", action="store_true", help="on OOM: partial GPU, then CPU")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli = {"model": args.model, "device_map": args.device_map, "gpu_layers": args.gpu_layers, "dtype": args.dtype,
+           "quantize": args.quantize, "fallback": True if args.fallback else None}
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": True if args.sample else None,
+           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+           "repetition_penalty": args.repetition_penalty, "seed": args.seed, "stop_strings": args.stop}
+    try:
+        options = load_inference_config(args.config, cli, gen)
+        prompts = args.prompt or options.pop("prompts", None)
+        options.pop("prompts", None)
+        if not prompts:
+            raise AvaInferenceError("no prompt: pass --prompt TEXT (repeatable) or set `prompts` in --config")
+        model = load_model(options.pop("model"), **options)
+        if len(prompts) == 1:
+            sys.stdout.write(prompts[0])
+            model.generate(prompts[0], on_text=lambda _row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            sys.stdout.write("\n")
+        else:
+            for prompt, text in zip(prompts, model.generate(prompts), strict=False):
+                print(f"{prompt}{text}\n---")
+    except AvaInferenceError as err:
+        console.print(f"[bold red]ava-generate: {type(err).__name__}:[/] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

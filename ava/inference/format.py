@@ -1,0 +1,141 @@
+"""Recognise and verify an exported model directory, and read its tensors (safetensors only).
+
+A raw DeepSpeed checkpoint, a pickle weight file, a missing shard or a shard whose checksum
+differs is refused here with a message that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ava.config import ConfigError, ModelConfig
+from ava.export.layouts import mixtral_to_ava, model_config_from_hf
+from ava.export.writer import INDEX_NAME, SINGLE_NAME, sha256_file
+from ava.inference.errors import CheckpointFormatError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class ExportedModel:
+    path: Path
+    layout: str  # "ava" | "mixtral"
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    shards: dict[str, str]  # tensor name (as stored) -> shard file
+
+
+def _is_deepspeed_checkpoint(path: Path) -> bool:
+    return (path / "latest").is_file() or any(path.glob("*model_states.pt")) or any(path.glob("*/*model_states.pt"))
+
+
+def detect(path: str | Path) -> ExportedModel:
+    """Classify `path` and check that every file the index promises is present."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointFormatError(f"{path} is not a directory; pass the directory that ava-export wrote")
+    if _is_deepspeed_checkpoint(path):
+        raise CheckpointFormatError(
+            f"{path} is a raw DeepSpeed training checkpoint, not an exported model. "
+            f"Export it first: ava-export {path} {path.name}-export"
+        )
+    config_path = path / "config.json"
+    index_path = path / INDEX_NAME
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not index_path.is_file() and not (path / SINGLE_NAME).is_file():
+        hint = f" It holds pickle-based weights ({', '.join(pickles)}), which Ava never loads." if pickles else ""
+        raise CheckpointFormatError(
+            f"{path} has no {INDEX_NAME} or {SINGLE_NAME}: not an Ava export.{hint} Re-export with ava-export."
+        )
+    if not config_path.is_file():
+        raise CheckpointFormatError(f"{path} is missing config.json; the export is incomplete, re-run ava-export")
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointFormatError(f"{path} is missing tokenizer.json; the export is incomplete, re-run ava-export")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointFormatError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    layout = {"ava": "ava", "mixtral": "mixtral"}.get(hf.get("model_type", ""))
+    if layout is None:
+        raise CheckpointFormatError(
+            f"{config_path}: model_type={hf.get('model_type')!r} is not supported; expected 'ava' or 'mixtral'"
+        )
+    try:
+        cfg = model_config_from_hf(hf)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointFormatError(f"{config_path}: {err}") from None
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        shards = index["weight_map"]
+    else:
+        with safe_open(path / SINGLE_NAME, framework="pt") as f:
+            shards = dict.fromkeys(f.keys(), SINGLE_NAME)
+    missing = sorted({s for s in shards.values() if not (path / s).is_file()})
+    if missing:
+        raise CheckpointFormatError(f"{path} is missing weight shard(s) {missing}; the export is incomplete")
+    return ExportedModel(path, layout, cfg, hf, shards)
+
+
+def verify_checksums(model: ExportedModel) -> None:
+    """Recompute each shard's sha256 against the index; a flipped byte names its file."""
+    index_path = model.path / INDEX_NAME
+    if not index_path.is_file():
+        return
+    recorded = json.loads(index_path.read_text()).get("metadata", {}).get("sha256", {})
+    for shard in sorted(set(model.shards.values())):
+        expected = recorded.get(shard)
+        if expected is None:
+            raise CheckpointFormatError(f"{index_path} records no sha256 for {shard}; re-export the model")
+        actual = sha256_file(model.path / shard)
+        if actual != expected:
+            raise CheckpointFormatError(
+                f"{model.path / shard} is corrupt: sha256 {actual[:16]}... differs from the index's "
+                f"{expected[:16]}...; re-copy or re-export the model"
+            )
+
+
+def read_tensors(model: ExportedModel, verify: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors in Ava's names and stored dtypes (no cast)."""
+    if verify:
+        verify_checksums(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(model.shards.values())):
+        try:
+            with safe_open(model.path / shard, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensors[name] = f.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for truncated headers
+            raise CheckpointFormatError(f"{model.path / shard} cannot be read as safetensors: {err}") from None
+    if model.layout == "mixtral":
+        try:
+            tensors = mixtral_to_ava(tensors, model.config)
+        except KeyError as err:
+            raise CheckpointFormatError(f"{model.path}: {err.args[0]}") from None
+        if model.config.tie_embeddings:
+            tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def check_against(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Missing, unexpected or mis-shaped tensors, each named, before anything is loaded."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    shapes = sorted(
+        f"{n}: stored {tuple(tensors[n].shape)}, model expects {tuple(expected[n].shape)}"
+        for n in set(tensors) & set(expected) if tensors[n].shape != expected[n].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        problems.append(f"unexpected tensors {extra}")
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes))
+    if problems:
+        raise CheckpointFormatError(f"{path} does not match its config.json: " + " | ".join(problems))
