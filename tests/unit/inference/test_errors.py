@@ -33,7 +33,7 @@ def test_flipped_byte_is_caught_by_checksum(ava_export, tmp_path):
 def test_missing_shard_and_missing_files_are_named(ava_export, tmp_path):
     path = _copy(ava_export[0], tmp_path)
     (path / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointFormatError, match="missing tokenizer.json"):
+    with pytest.raises(CheckpointFormatError, match=r"missing tokenizer\.json"):
         load_model(path)
     shutil.copy(ava_export[0] / "tokenizer.json", path / "tokenizer.json")
     (path / "model.safetensors").unlink()
@@ -60,7 +60,7 @@ def test_raw_deepspeed_checkpoint_and_pickles_are_refused(tmp_path):
     pickled = tmp_path / "hf"
     pickled.mkdir()
     torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
-    with pytest.raises(CheckpointFormatError, match="pickle-based weights \\(pytorch_model.bin\\)"):
+    with pytest.raises(CheckpointFormatError, match=r"pickle-based weights \(pytorch_model\.bin\)"):
         load_model(pickled)
 
 
