@@ -19,6 +19,7 @@ class Assignment:
     expert_TK: torch.Tensor  # final expert of each slot (re-routed slots point to the new expert)
     weight_TK: torch.Tensor  # mixing weight of each slot (unchanged by re-routing)
     kept_TK: torch.Tensor  # bool: the slot is served by an expert
+    all_kept: bool = False  # known without looking at the data (dropless): no slot is dropped
 
     @property
     def dropped_fraction(self) -> torch.Tensor:
@@ -67,7 +68,7 @@ def apply_capacity(
     num_experts = probs_TE.shape[-1]
     if capacity is None:
         kept = torch.ones_like(expert_TK, dtype=torch.bool)
-        return Assignment(expert_TK, weight_TK, kept)
+        return Assignment(expert_TK, weight_TK, kept, all_kept=True)
 
     expert_A = expert_TK.reshape(-1)
     priority_A = probs_TE.gather(1, expert_TK).reshape(-1)

@@ -27,13 +27,19 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, backend: str) -> torch.Tensor:
-    """Rows of `x` sorted by expert, `counts[e]` of them for expert e, times that expert's matrix."""
+    """Rows of `x` sorted by expert, `counts[e]` of them for expert e, times that expert's matrix.
+
+    Rows past `counts.sum()` (dropped slots) are not computed: their output rows are unspecified
+    (the grouped kernel leaves them uninitialised; the segment loop writes zeros).
+    """
     use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_NI, w_EIO))
     if use_grouped:
-        offsets = torch.cumsum(counts_E, 0).to(torch.int32)
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offsets)
-    segments = x_NI.split(counts_E.tolist())
-    return torch.cat([seg @ w_EIO[e] for e, seg in enumerate(segments)], dim=0)
+    sizes = counts_E.tolist()  # the reference/fallback path: one host sync
+    segments = x_NI.split([*sizes, x_NI.shape[0] - sum(sizes)])
+    outs = [seg @ w_EIO[e] for e, seg in enumerate(segments[:-1])]
+    return torch.cat([*outs, x_NI.new_zeros(segments[-1].shape[0], w_EIO.shape[-1])], dim=0)
 
 
 class Experts(nn.Module):
@@ -54,18 +60,25 @@ class Experts(nn.Module):
             self.b2 = nn.Parameter(torch.zeros(e, h)) if cfg.bias else None
 
     def forward(self, x_NH: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert."""
+        """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert; trailing rows
+        with `expert_N == E` (dropped slots) are not computed and their outputs are unspecified."""
         if self.activation == "swiglu":
             gate = grouped_matmul(x_NH, self.w_gate, counts_E, self.backend)
             up = grouped_matmul(x_NH, self.w_up, counts_E, self.backend)
             return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E, self.backend)
         h = grouped_matmul(x_NH, self.w1, counts_E, self.backend)
         if self.b1 is not None:
-            h = h + self.b1[expert_N]
+            h = h + _bias_rows(self.b1, expert_N)
         y = grouped_matmul(F.gelu(h), self.w2, counts_E, self.backend)
         if self.b2 is not None:
-            y = y + self.b2[expert_N]
+            y = y + _bias_rows(self.b2, expert_N)
         return y
+
+
+def _bias_rows(b_EO: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+    """Per-row bias; dropped rows (`expert_N == E`) read a zero row whose gradient is discarded,
+    so their unspecified values never reach a real bias gradient."""
+    return torch.cat([b_EO, b_EO.new_zeros(1, b_EO.shape[-1])])[expert_N]
 
 
 class DenseFFN(nn.Module):

@@ -30,19 +30,79 @@ class RouterStats:
     entropy: torch.Tensor
 
 
+class _Dispatch(torch.autograd.Function):
+    """`x_SH = x_TH[token of sorted slot S]`; the backward sums each token's K slot gradients by a
+    gather and a reshape-sum (parallel and deterministic, no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, order_S, pos_A, kept_A):  # type: ignore[override]
+        top_k = order_S.numel() // x_TH.shape[0]
+        ctx.top_k = top_k
+        ctx.save_for_backward(pos_A, kept_A)
+        return x_TH.index_select(0, order_S // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_SH):  # type: ignore[override]
+        pos_A, kept_A = ctx.saved_tensors
+        grad_AH = grad_SH.index_select(0, pos_A)
+        if kept_A.numel():  # rows past the last kept slot hold no gradient (uninitialised memory)
+            grad_AH = grad_AH.masked_fill_(~kept_A[:, None], 0.0)
+        num_tokens = pos_A.numel() // ctx.top_k
+        return grad_AH.view(num_tokens, ctx.top_k, -1).sum(dim=1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """`y_TH[t] = Σ_k weight_TK[t, k] · y_SH[pos_A[t·K + k]]`: un-sort and weight in one batched
+    matmul (the weighting is fused into the combine; the backward is gathers, no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y_SH, weight_TK, order_S, pos_A, kept_A):  # type: ignore[override]
+        num_tokens, top_k = weight_TK.shape
+        y_AH = y_SH.index_select(0, pos_A)
+        if kept_A.numel():  # expert outputs of dropped slots are not computed: zero them
+            y_AH.masked_fill_(~kept_A[:, None], 0.0)
+        y_TKH = y_AH.view(num_tokens, top_k, -1)
+        w_T1K = weight_TK.to(y_SH.dtype).unsqueeze(1)
+        ctx.save_for_backward(y_TKH, w_T1K, order_S)
+        ctx.weight_dtype = weight_TK.dtype
+        return torch.bmm(w_T1K, y_TKH).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TH):  # type: ignore[override]
+        y_TKH, w_T1K, order_S = ctx.saved_tensors
+        grad_TH = grad_TH.contiguous()
+        # multiply-then-sum (not bmm): the same reduction order as autograd's, so the router's
+        # gradient matches the per-expert reference loop to fp32 rounding
+        grad_w_TK = (y_TKH * grad_TH.unsqueeze(1)).sum(dim=-1).to(ctx.weight_dtype)
+        grad_y_TKH = w_T1K.transpose(1, 2) * grad_TH.unsqueeze(1)
+        grad_y_SH = grad_y_TKH.view(-1, grad_TH.shape[-1]).index_select(0, order_S)
+        return grad_y_SH, grad_w_TK, None, None, None
+
+
 def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Experts) -> torch.Tensor:
-    """Sort kept (token, expert) pairs by expert, run all experts at once, scatter-add back."""
-    top_k = assignment.expert_TK.shape[1]
-    kept_A = assignment.kept_TK.reshape(-1)
-    token_A = torch.arange(x_TH.shape[0], device=x_TH.device).repeat_interleave(top_k)[kept_A]
-    expert_A = assignment.expert_TK.reshape(-1)[kept_A]
-    weight_A = assignment.weight_TK.reshape(-1)[kept_A]
-    order = torch.argsort(expert_A, stable=True)
-    token_S, expert_S = token_A[order], expert_A[order]
-    counts_E = torch.bincount(expert_A, minlength=experts.num_experts)
-    y_SH = experts(x_TH[token_S], expert_S, counts_E)
-    y_SH = y_SH * weight_A[order].to(y_SH.dtype)[:, None]
-    return torch.zeros_like(x_TH).index_add_(0, token_S, y_SH)
+    """Sort the T·K (token, expert) slots by expert, run all experts in one grouped matmul, and
+    un-sort + weight + sum in one batched matmul.
+
+    Shapes never depend on routing (no host sync): dropped slots sort after every kept slot (key E),
+    the grouped matmul's offsets stop before them, and their rows are masked out both ways.
+    """
+    num_experts = experts.num_experts
+    expert_A = assignment.expert_TK.reshape(-1)
+    weight_TK = assignment.weight_TK
+    if assignment.all_kept:
+        key_A, kept_A = expert_A, expert_A.new_empty(0, dtype=torch.bool)
+    else:
+        kept_A = assignment.kept_TK.reshape(-1)
+        key_A = torch.where(kept_A, expert_A, num_experts)
+        weight_TK = weight_TK.masked_fill(~assignment.kept_TK, 0.0)
+    order_S = torch.argsort(key_A, stable=True)
+    pos_A = torch.empty_like(order_S)
+    pos_A[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    expert_S = key_A[order_S]  # E marks a dropped slot
+    x_SH = _Dispatch.apply(x_TH, order_S, pos_A, kept_A)
+    y_SH = experts(x_SH, expert_S, counts_E)
+    return _Combine.apply(y_SH, weight_TK, order_S, pos_A, kept_A)
 
 
 class MoELayer(nn.Module):

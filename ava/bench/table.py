@@ -1,0 +1,121 @@
+"""Environment record, JSON output and the rich tables `ava-bench` prints last."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Device, thread count and library versions, recorded with every result."""
+    versions = {}
+    for pkg in ("torch", "deepspeed", "transformers", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "device": str(device), "device_name": name, "torch_threads": threads, "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(), "versions": versions,
+    }
+
+
+def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str))
+
+
+def _ms(entry: dict) -> str:
+    if "median_ms" not in entry:
+        return "—"
+    return f"{entry['median_ms']:.1f}±{entry['iqr_ms'] / 2:.1f}"
+
+
+def moe_table(payload: dict[str, Any]) -> Table:
+    from ava.bench.moe_bench import IMPLS
+
+    env = payload["environment"]
+    table = Table(title=f"ava-bench moe — fwd+bwd ms (median±IQR/2), {env['device_name']}, "
+                        f"{env['torch_threads']} threads, fp32", title_justify="left")
+    table.add_column("point", no_wrap=True)
+    for name in IMPLS:
+        table.add_column(name, justify="right", no_wrap=True)
+    for col in ("best peer", "ava vs peer", "ava/dense", "ava GFLOP/s", "mem ava/dense", "agree (rel err ≤ 1e-4)"):
+        table.add_column(col, justify="right", no_wrap=True)
+    notes: dict[str, str] = {}
+    for row in payload["points"]:
+        res, summ = row["results"], row["summary"]
+        cells = [row["label"]]
+        for name in IMPLS:
+            entry = res.get(name, {})
+            cell = _ms(entry)
+            if entry.get("status", "ok") != "ok":
+                mark = notes.setdefault(entry["status"], f"[{len(notes) + 1}]")
+                cell = f"n/a {mark}"
+            cells.append(cell)
+        agree = [f"{n}{'✓' if e['agrees'] else '✗'}" for n, e in res.items() if "agrees" in e]
+        cells += [
+            summ.get("best_peer", "—"),
+            f"{summ['speedup_vs_best_peer']:.2f}x" if "speedup_vs_best_peer" in summ else "—",
+            f"{summ['ava_over_dense_time']:.2f}" if "ava_over_dense_time" in summ else "—",
+            f"{res['ava']['gflops']:.0f}" if "gflops" in res["ava"] else "—",
+            f"{summ['ava_over_dense_memory']:.2f}" if "ava_over_dense_memory" in summ else "—",
+            " ".join(agree) or "—",
+        ]
+        table.add_row(*cells)
+    if notes:
+        table.caption = "  ".join(f"{mark} {why}" for why, mark in notes.items())
+        table.caption_justify = "left"
+    return table
+
+
+def train_table(payload: dict[str, Any]) -> Table:
+    env = payload["environment"]
+    table = Table(title=f"ava-bench train — {payload['preset']} {payload['dims']}, batch {payload['batch']}x"
+                        f"{payload['seq_len']}, {env['device_name']}, {env['torch_threads']} threads, "
+                        f"{payload['dtype']}", title_justify="left")
+    for col in ("model", "step ms (median±IQR/2)", "forward", "backward", "optimizer", "tokens/s", "TFLOP/s" if
+                env["device"].startswith("cuda") else "GFLOP/s", "MFU", "loss@0", "vs HF"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    base = payload["results"].get("hf", {}).get("tokens_per_s")
+    for name, r in payload["results"].items():
+        if "step_ms" not in r:
+            table.add_row(name, f"n/a: {r.get('status')}", *["—"] * 8)
+            continue
+        scale = 1e12 if env["device"].startswith("cuda") else 1e9
+        table.add_row(
+            name, f"{r['step_ms']:.0f}±{r['step_iqr_ms'] / 2:.0f}", f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}",
+            f"{r['optimizer_ms']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['flops_per_s'] / scale:.1f}",
+            f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—", f"{r['loss_step0']:.5f}",
+            f"{r['tokens_per_s'] / base:.2f}x" if base else "—",
+        )
+    if "loss_abs_diff_step0" in payload:
+        table.caption = (f"step-0 loss |Ava − HF| = {payload['loss_abs_diff_step0']:.2e} (identical weights); "
+                         f"FLOPs/token = {payload['flops_per_token']:,} (model.flops_per_token)")
+        table.caption_justify = "left"
+    return table
+
+
+def print_last(table: Table) -> None:
+    Console(width=240).print(table)

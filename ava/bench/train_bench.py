@@ -1,0 +1,187 @@
+"""`ava-bench train`: one full training step (forward, backward, AdamW) of Ava's `AvaForCausalLM`
+against `transformers`' `MixtralForCausalLM` of identical dimensions, batch and optimizer."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ava.bench.timing import Stopwatch
+from ava.config import ModelConfig, model_preset
+from ava.export.layouts import ava_to_mixtral, mixtral_incompatibilities
+from ava.model.transformer import IGNORE_INDEX, AvaForCausalLM
+
+# Dense bf16 peak tensor FLOP/s (no sparsity) by device-name substring; first match wins.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12,
+}
+
+# CPU default: the preset's width, fewer layers and a smaller vocabulary (a step in ~1 s).
+CPU_OVERRIDES = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512, "router_jitter": 0.0}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def hf_mixtral(cfg: ModelConfig, experts_implementation: str = "grouped_mm") -> nn.Module:
+    """`MixtralForCausalLM` of `cfg`'s dimensions; transformers 5 defaults to `grouped_mm` experts
+    (`eager` is its per-expert loop, the default of transformers 4)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0,
+        output_router_logits=False, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
+        sliding_window=None, use_cache=False,
+    )
+    config._experts_implementation = experts_implementation
+    return MixtralForCausalLM(config)
+
+
+def load_ava_into_mixtral(ava: AvaForCausalLM, hf: nn.Module) -> None:
+    """Copy Ava's weights into a transformers-5 Mixtral (fused `experts.gate_up_proj` [E, 2I, H],
+    gate then up; `experts.down_proj` [E, H, I]); names from `ava.export.layouts.ava_to_mixtral`."""
+    cfg = ava.cfg
+    state = ava.state_dict()
+    target = hf.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in ava_to_mixtral(state, cfg).items():
+        if ".experts." in name:
+            continue
+        out[name.replace("block_sparse_moe.gate.", "mlp.gate.")] = t
+    for i in range(cfg.num_layers):
+        ex = ava.layers[i].moe.experts
+        prefix = f"model.layers.{i}.mlp.experts."
+        out[prefix + "gate_up_proj"] = torch.cat([ex.w_gate, ex.w_up], dim=2).transpose(1, 2).detach()
+        out[prefix + "down_proj"] = ex.w_down.transpose(1, 2).detach()
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = set(target) - set(out)
+    if missing:
+        raise KeyError(f"no Ava tensor for Mixtral parameters {sorted(missing)}")
+    hf.load_state_dict({k: out[k].to(target[k].dtype) for k in target}, strict=True)
+
+
+def make_batch(vocab: int, batch: int, seq_len: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Ava's labels are shifted (labels[t] = target of position t); HF shifts internally. Both see the
+    same L-1 targets per sequence (Ava's last position is ignored), so they compute the same loss."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return {"ids": ids, "ava_labels": labels, "hf_labels": ids}
+
+
+def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to train on, language-model loss to compare)."""
+    if name == "ava":
+        out = model(batch["ids"], labels=batch["ava_labels"])
+        return out.loss, out.lm_loss
+    out = model(input_ids=batch["ids"], labels=batch["hf_labels"])
+    return out.loss, out.loss
+
+
+def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
+              dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0) -> dict[str, Any]:
+    overrides = dict(CPU_OVERRIDES if device.type == "cpu" else {"router_jitter": 0.0}, **(overrides or {}))
+    overrides["max_seq_len"] = max(int(overrides.get("max_seq_len", seq_len)), seq_len)
+    cfg = model_preset(preset, **overrides)
+    problems = mixtral_incompatibilities(cfg)
+    torch.manual_seed(seed)
+    ava = AvaForCausalLM(cfg)
+    models: dict[str, nn.Module] = {"ava": ava}
+    status: dict[str, str] = {}
+    for name, impl in (("hf", "grouped_mm"), ("hf_eager", "eager")):
+        if problems:
+            status[name] = "not expressible as MixtralForCausalLM: " + "; ".join(problems)
+            continue
+        try:
+            hf = hf_mixtral(cfg, impl)
+            load_ava_into_mixtral(ava, hf)
+            models[name] = hf
+        except ImportError as exc:
+            status[name] = f"transformers not installed ({exc})"
+    for m in models.values():
+        m.to(device=device, dtype=dtype).train()
+    data = make_batch(cfg.vocab_size, batch, seq_len, device, seed)
+
+    # step 0 with identical weights: the same language-model loss
+    loss0 = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            loss0[name] = float(_loss(name, m, data)[1])
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1) for name, m in models.items()}
+
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for step in range(warmup + steps):
+        for name, m in models.items():  # interleaved, so load from elsewhere hits both alike
+            sw = Stopwatch(device)
+            opts[name].zero_grad(set_to_none=True)
+            sw.mark("start")
+            loss, _ = _loss(name, m, data)
+            sw.mark("forward")
+            loss.backward()
+            sw.mark("backward")
+            opts[name].step()
+            sw.mark("optimizer")
+            if step >= warmup:
+                phases[name].append(sw.phases_ms())
+
+    tokens = batch * seq_len
+    fpt = ava.flops_per_token(seq_len)
+    peak = peak_flops(device)
+    results: dict[str, Any] = {}
+    for name in ("ava", "hf", "hf_eager"):
+        if name not in models:
+            results[name] = {"status": status.get(name, "not run")}
+            continue
+        totals = [sum(p.values()) for p in phases[name]]
+        step_ms = statistics.median(totals)
+        q = statistics.quantiles(totals, n=4) if len(totals) >= 4 else [min(totals), 0, max(totals)]
+        r = {
+            "status": "ok", "step_ms": step_ms, "step_iqr_ms": q[2] - q[0], "steps": len(totals),
+            **{f"{k}_ms": statistics.median(p[k] for p in phases[name]) for k in ("forward", "backward", "optimizer")},
+            "tokens_per_s": tokens / (step_ms / 1e3), "loss_step0": loss0[name],
+            "parameters": sum(p.numel() for p in models[name].parameters()),
+        }
+        r["flops_per_s"] = r["tokens_per_s"] * fpt
+        r["mfu"] = r["flops_per_s"] / peak if peak else None
+        results[name] = r
+    payload: dict[str, Any] = {
+        "preset": preset, "overrides": overrides, "batch": batch, "seq_len": seq_len,
+        "dtype": str(dtype).split(".")[-1],
+        "dims": _dims(cfg), "flops_per_token": fpt, "peak_flops": peak, "results": results,
+    }
+    if "hf" in models:
+        payload["loss_abs_diff_step0"] = max(abs(loss0["ava"] - loss0[n]) for n in models if n != "ava")
+        payload["speedup_tokens_per_s"] = {n: results["ava"]["tokens_per_s"] / results[n]["tokens_per_s"]
+                                           for n in models if n != "ava"}
+    return payload
+
+
+def _dims(cfg: ModelConfig) -> str:
+    return (f"H={cfg.hidden_size} L={cfg.num_layers} heads={cfg.num_heads} I={cfg.ffn_size} "
+            f"E={cfg.num_experts} k={cfg.top_k} V={cfg.vocab_size}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values stay strings for Hydra to type-check against the schema."""
+    out = {}
+    for item in items:
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", item)
+        if not m:
+            raise SystemExit(f"ava-bench: override {item!r} is not key=value")
+        out[m.group(1)] = m.group(2)
+    return out
