@@ -21,12 +21,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="cast explicitly (default: keep the fp32 master weights)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing OUT_DIR (swapped only once the new export is complete)")
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     logging.basicConfig(level=logging.WARNING)
     try:
         out = export_checkpoint(args.source, args.out_dir, layout=args.layout, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, progress=lambda m: console.print(f"[dim]{m}[/]"))
+                                max_shard_size=args.max_shard_size, replace=args.force,
+                                progress=lambda m: console.print(f"[dim]{m}[/]"))
     except (ExportError, ValueError, FileExistsError, FileNotFoundError) as err:
         console.print(f"[bold red]ava-export: error:[/] {err}")
         return 2

@@ -103,6 +103,7 @@ def export_checkpoint(
     dtype: Optional[str] = None,
     max_shard_size: str = "2GB",
     progress: Callable[[str], None] = log.info,
+    replace: bool = False,
 ) -> Path:
     """Locate the checkpoint, consolidate it with DeepSpeed's tools, then `export_state_dict`."""
     src = locate(source)
@@ -115,7 +116,7 @@ def export_checkpoint(
     info = TrainingInfo(step=int(src.client_state.get("step", 0)), tokens=int(src.client_state.get("tokens_seen", 0)),
                         val_loss=val.get("last"), config=full_config, source_tag=src.tag)
     return export_state_dict(state, cfg, out_dir, tokenizer=tokenizer, layout=layout, dtype=dtype,
-                             max_shard_size=max_shard_size, info=info, progress=progress)
+                             max_shard_size=max_shard_size, info=info, progress=progress, replace=replace)
 
 
 @dataclass
@@ -140,6 +141,7 @@ def export_state_dict(
     max_shard_size: str = "2GB",
     info: Optional[TrainingInfo] = None,
     progress: Callable[[str], None] = log.info,
+    replace: bool = False,
 ) -> Path:
     """Check `state` against the model's own state dict, cast only if asked, rename, write atomically."""
     info = info or TrainingInfo(config={"model": asdict(cfg)})
@@ -176,6 +178,6 @@ def export_state_dict(
     text_files = {"README.md": card, "training_config.yaml": OmegaConf.to_yaml(OmegaConf.create(full_config))}
     metadata = {"format": "ava-export", "layout": chosen, "source_tag": info.source_tag, "step": str(info.step)}
     out = write_export_dir(Path(out_dir), tensors, json_files, text_files, {"tokenizer.json": Path(tokenizer)},
-                           parse_size(max_shard_size), metadata, progress)
+                           parse_size(max_shard_size), metadata, progress, replace)
     progress(f"exported {chosen} layout ({str(out_dtype).removeprefix('torch.')}) to {out}")
     return out

@@ -58,11 +58,14 @@ def write_export_dir(
     max_shard_bytes: int,
     metadata: dict[str, str],
     progress: Callable[[str], None] = lambda _msg: None,
+    replace: bool = False,
 ) -> Path:
-    """Write the directory; refuse to replace an existing non-empty one (nothing is lost)."""
+    """Write the directory. An existing non-empty one is refused unless `replace`: then the old
+    export is swapped out only after the new one is complete (a crash keeps the old one)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or remove it")
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another OUT_DIR, remove it, "
+                              "or pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -87,9 +90,13 @@ def write_export_dir(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        old = None
         if out_dir.exists():
-            out_dir.rmdir()
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,7 +37,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cli = {"model": args.model, "device_map": args.device_map, "gpu_layers": args.gpu_layers, "dtype": args.dtype,
            "quantize": args.quantize, "fallback": True if args.fallback else None}

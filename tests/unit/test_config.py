@@ -13,7 +13,7 @@ GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
     [(g, f.stem) for g in GROUPS for f in sorted((conf_dir() / g).glob("*.yaml"))],
 )
 def test_every_config_composes_and_validates(group, option):
-    override = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
+    override = f"{group}={option}"
     cfg = to_object(compose([override]))
     assert cfg.model.hidden_size % cfg.model.num_heads == 0
 

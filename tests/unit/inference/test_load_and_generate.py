@@ -99,3 +99,16 @@ def test_plugin_registry_loads_lazily_and_cleanup_frees(ava_export):
 
 def test_plugin_is_protocol_compatible():
     assert issubclass(AvaModelPlugin, object) and hasattr(AvaModelPlugin, "cleanup")
+
+
+def test_perplexity_matches_the_models_own_loss(ava_export):
+    import math
+
+    from ava.inference.evaluate import perplexity
+
+    path, source = ava_export
+    blocks = [IDS[0, :17].numpy(), IDS[1, :17].numpy(), IDS[0, 5:22].numpy()]
+    batch = torch.stack([torch.as_tensor(b) for b in blocks])
+    with torch.no_grad():
+        expected = math.exp(source(batch[:, :-1], labels=batch[:, 1:]).lm_loss.item())
+    assert math.isclose(perplexity(load_model(path), blocks, batch_size=2), expected, rel_tol=1e-5)

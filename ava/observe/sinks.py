@@ -1,0 +1,311 @@
+"""Metric sinks, rank 0 only: console (progress bar + log lines), JSONL file, Weights & Biases.
+
+Every sink gets every step's metrics through `log(metrics, step)` and decides what to do with
+them; backends are imported lazily (W&B only when `logger.backend=wandb`). Events (incidents,
+rollbacks, router-collapse alerts, a health stop) go to `event(record)` where a sink has it:
+JSONL appends them to `events.jsonl`, W&B raises a `wandb.alert` and re-logs an incidents
+table, the console logs one warning line.
+
+Values are floats, except `moe/load_heatmap` (a layers x experts list of load fractions): JSONL
+writes the list, W&B logs it as a `wandb.Table` (one row per layer) under the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Protocol, runtime_checkable
+
+from ava.observe.throughput import format_count, format_duration
+
+log = logging.getLogger("ava.train")
+
+
+HEATMAP_KEY = "moe/load_heatmap"
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def send_event(sinks: List[Any], record: Dict[str, Any]) -> None:
+    """`record` (with "event" and "step") to every sink that takes events."""
+    for sink in sinks:
+        if hasattr(sink, "event"):
+            sink.event(record)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def redact(config: Any, patterns: List[str]) -> Any:
+    """`config` with secrets replaced by "<redacted>": values under a key that contains one of
+    `patterns` (case-insensitive), and any string equal to the value of an environment variable
+    whose name contains one of them (e.g. a `${oc.env:HF_TOKEN}` interpolation)."""
+    pats = [p.lower() for p in patterns]
+    secrets_in_env = {v for k, v in os.environ.items()
+                      if v and len(v) >= 8 and any(p in k.lower() for p in pats)}
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        if node is not None and key and any(p in key.lower() for p in pats):
+            return "<redacted>"
+        if isinstance(node, str) and node in secrets_in_env:
+            return "<redacted>"
+        return node
+
+    return walk(config)
+
+
+class JsonlSink:
+    """One JSON object per line in `<run_dir>/metrics.jsonl`: `{"step": N, "time": ..., ...}`,
+    and events in `<run_dir>/events.jsonl`. Appends, so a resumed run continues the same files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.events_path = self.path.with_name("events.jsonl")
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (closed by close())
+        self._events: Any = None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        record: Dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            record[key] = _jsonable(value)
+        self._file.write(json.dumps(record) + "\n")
+
+    def event(self, record: Mapping[str, Any]) -> None:
+        if self._events is None:
+            self._events = open(self.events_path, "a", buffering=1)  # noqa: SIM115
+        line = {"time": round(time.time(), 3), **_jsonable(dict(record))}
+        self._events.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+        if self._events is not None:
+            self._events.close()
+
+
+class ConsoleSink:
+    """A rich progress bar (step, loss, tokens/s, ETA) on interactive terminals, and a
+    concise log line every `log_every` steps (always, so logs and CI show progress)."""
+
+    def __init__(self, max_steps: int, log_every: int, progress_bar: bool = True,
+                 start_step: int = 0) -> None:
+        self.max_steps = max_steps
+        self.log_every = log_every
+        self._progress: Any = None
+        self._task: Any = None
+        self._redirected: List[Any] = []
+        if progress_bar and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("eta"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False)
+            self._task = self._progress.add_task("train", total=max_steps, completed=start_step,
+                                                 loss="-", tps="-")
+            real = (sys.stdout, sys.stderr)
+            self._progress.start()  # replaces sys.stdout/err with proxies that print above it
+            # console log handlers hold the real streams: send them through the proxies too
+            self._redirected = []
+            for handler in logging.getLogger().handlers:
+                if type(handler) is logging.StreamHandler and handler.stream in real:
+                    proxy = sys.stdout if handler.stream is real[0] else sys.stderr
+                    self._redirected.append((handler, handler.setStream(proxy)))
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if "val/loss" in metrics:
+            log.info("eval step %d: val loss %.4f | ppl %.2f", step, metrics["val/loss"],
+                     metrics.get("val/ppl", float("nan")))
+        if "train/loss" not in metrics:
+            return
+        tps = format_count(metrics.get("perf/tokens_per_s", 0.0))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step,
+                                  loss=f"{metrics['train/loss']:.4f}", tps=tps)
+        if step % self.log_every == 0 or step == self.max_steps:
+            grad = metrics.get("train/grad_norm")
+            extra = ""
+            if "mem/host_rss_gb" in metrics:
+                extra += f" | rss {metrics['mem/host_rss_gb']:.1f}G"
+            if "mem/cuda_peak_gb" in metrics:
+                extra += f" | gpu peak {metrics['mem/cuda_peak_gb']:.1f}G"
+            if "perf/mfu" in metrics:
+                extra += f" | mfu {100 * metrics['perf/mfu']:.1f}%"
+            if metrics.get("health/skipped_steps"):
+                extra += f" | skipped {int(metrics['health/skipped_steps'])}"
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad %s | %s tok/s%s | eta %s",
+                     step, self.max_steps, metrics["train/loss"], metrics.get("train/lr", 0.0),
+                     "-" if grad is None else f"{grad:.3f}", tps, extra,
+                     format_duration(metrics.get("perf/eta_s", 0.0)))
+
+    def event(self, record: Mapping[str, Any]) -> None:
+        kind = record.get("event")
+        if kind == "incident":
+            worst = ", ".join(f"{n} {v:.3g}" for n, v in (record.get("worst_grad_norms") or [])[:3])
+            log.warning("step %s skipped: %s (value %s, z %s); LR x%.3g%s", record.get("step"),
+                        record.get("kind"), _fmt(record.get("value")), _fmt(record.get("z")),
+                        record.get("lr_multiplier", 1.0), f"; largest grads: {worst}" if worst else "")
+        elif kind in ("alert", "rollback", "stop"):
+            log.warning("%s", record.get("text") or record)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            for handler, stream in self._redirected:
+                handler.setStream(stream)
+            self._progress.stop()
+            self._progress = None
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(configured: Optional[str]) -> tuple[str, Optional[str]]:
+    """(mode, note): `logger.mode`, else `WANDB_MODE`, else online with an API key, else offline
+    with a one-line note. Never a mode in which W&B would prompt for a key."""
+    if configured:
+        mode = configured
+    elif os.environ.get("WANDB_MODE"):
+        mode = os.environ["WANDB_MODE"]
+        if mode == "dryrun":
+            mode = "offline"
+    elif _has_wandb_key():
+        return "online", None
+    else:
+        return "offline", ("W&B: no API key (WANDB_API_KEY or `wandb login`) and no WANDB_MODE: "
+                           "logging offline")
+    if mode == "online" and not _has_wandb_key():
+        return "offline", "W&B: mode online but no API key found: logging offline instead"
+    return mode, None
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class WandbSink:
+    """Weights & Biases run in `<run_dir>/wandb`; its id is kept in the run directory so a
+    resumed run continues the same W&B run.
+
+    W&B needs a non-decreasing step; after a rollback the trainer's step goes back, so the W&B
+    step is the trainer's step plus an offset that grows at each rollback (`train/step` holds
+    the trainer's own step for plotting)."""
+
+    INCIDENT_COLUMNS = ("step", "kind", "value", "z", "lr_multiplier", "worst_grad_norms")
+
+    def __init__(self, run_dir: Path, *, project: str, entity: Optional[str], group: Optional[str],
+                 name: Optional[str], tags: List[str], mode: Optional[str],
+                 config: Dict[str, Any]) -> None:
+        import wandb
+
+        resolved, note = wandb_mode(mode)
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=project, entity=entity, group=group, name=name or run_dir.name,
+            tags=list(tags) or None, config=config, dir=str(run_dir), id=run_id,
+            resume="allow", mode=resolved,
+            settings=wandb.Settings(silent=True, console="off", init_timeout=90))
+        if note:
+            run_files = getattr(self.run, "dir", None)
+            log.warning("%s; sync later with `wandb sync %s`", note,
+                        Path(run_files).parent if run_files else run_dir / "wandb")
+        elif resolved == "online":
+            log.info("W&B: %s", getattr(self.run, "url", None) or "online")
+        self._wandb = wandb
+        self._offset = 0
+        self._last = int(getattr(self.run, "step", 0) or 0)
+        self._incidents: List[List[Any]] = []
+
+    def _step(self, step: int) -> int:
+        if step + self._offset < self._last:
+            self._offset = self._last - step
+        self._last = step + self._offset
+        return self._last
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        data: Dict[str, Any] = dict(metrics)
+        data["train/step"] = step
+        heatmap = data.pop(HEATMAP_KEY, None)
+        if heatmap:
+            experts = len(heatmap[0])
+            data[HEATMAP_KEY] = self._wandb.Table(
+                columns=["layer", *(f"expert_{e}" for e in range(experts))],
+                data=[[layer, *row] for layer, row in enumerate(heatmap)])
+        self.run.log(data, step=self._step(step))
+
+    def event(self, record: Mapping[str, Any]) -> None:
+        kind = record.get("event")
+        step = int(record.get("step", 0))
+        if kind == "incident":
+            worst = "; ".join(f"{n}={v:.4g}" for n, v in record.get("worst_grad_norms") or [])
+            self._incidents.append([step, record.get("kind"), _fmt(record.get("value")),
+                                    _fmt(record.get("z")), record.get("lr_multiplier"), worst])
+            table = self._wandb.Table(columns=self.INCIDENT_COLUMNS, data=self._incidents)
+            self.run.log({"health/incidents_table": table}, step=self._step(step))
+            title, level = f"Step {step} skipped: {record.get('kind')}", "WARN"
+            text = (f"{record.get('kind')} at step {step}: value {_fmt(record.get('value'))}, "
+                    f"z {_fmt(record.get('z'))}; LR multiplier {record.get('lr_multiplier')}; "
+                    f"largest gradient norms: {worst or '-'}")
+        elif kind in ("alert", "rollback", "stop"):
+            title = str(record.get("title") or kind)
+            text = str(record.get("text") or record)
+            level = "ERROR" if kind == "stop" else "WARN"
+        else:
+            return
+        try:
+            self.run.alert(title=title[:64], text=text, level=level, wait_duration=0)
+        except Exception as exc:  # alerts are best-effort (offline, rate limits)
+            log.debug("wandb.alert failed: %s", exc)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def build_sinks(logger_cfg: Any, run_dir: Path, *, max_steps: int, log_every: int,
+                progress_bar: bool, start_step: int, config: Dict[str, Any]) -> List[MetricsSink]:
+    """The sinks `logger.*` asks for (call on rank 0 only). A W&B failure never stops training."""
+    sinks: List[MetricsSink] = [ConsoleSink(max_steps, log_every, progress_bar, start_step)]
+    if logger_cfg.jsonl:
+        sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+    if logger_cfg.backend == "wandb":
+        try:
+            sinks.append(WandbSink(run_dir, project=logger_cfg.project, entity=logger_cfg.entity,
+                                   group=logger_cfg.group, name=logger_cfg.run_name,
+                                   tags=list(logger_cfg.tags), mode=logger_cfg.mode,
+                                   config=redact(config, list(logger_cfg.redact_keys))))
+        except Exception as exc:  # network, auth, disk: report and train on
+            log.warning("W&B disabled: %s: %s", type(exc).__name__, exc)
+    return sinks

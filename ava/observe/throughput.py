@@ -1,0 +1,112 @@
+"""Throughput and ETA from step wall times (evaluation and checkpoint time excluded), the step-time
+split (data / forward / backward / step), achieved FLOP/s and MFU against a bf16 peak table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+
+class Throughput:
+    def __init__(self, tokens_per_step: int, smoothing: float = 0.9) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.smoothing = smoothing
+        self.step_time: Optional[float] = None  # exponential moving average, seconds
+
+    def update(self, seconds: float) -> None:
+        if self.step_time is None:
+            self.step_time = seconds
+        else:
+            self.step_time = self.smoothing * self.step_time + (1 - self.smoothing) * seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time if self.step_time else 0.0
+
+    def eta_s(self, steps_left: int) -> float:
+        return steps_left * (self.step_time or 0.0)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def format_count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class StepTimer:
+    """Wall time of one step split into phases (data, forward, backward, step). On an accelerator
+    the kernels run asynchronously, so `sync=True` (used on log steps only) synchronises at each
+    phase end to make the split exact; otherwise a phase measures launch time."""
+
+    PHASES = ("data", "forward", "backward", "step")
+
+    def __init__(self, synchronize: Optional[Callable[[], None]] = None) -> None:
+        self.synchronize = synchronize
+        self.sync = False
+        self.totals: Dict[str, float] = {}
+        self._phase: Optional[str] = None
+        self._t0 = 0.0
+
+    def start_step(self, sync: bool) -> None:
+        self.sync = sync and self.synchronize is not None
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+
+    def begin(self, phase: str) -> None:
+        self._phase = phase
+        self._t0 = time.perf_counter()
+
+    def end(self) -> None:
+        if self.sync and self.synchronize is not None:
+            self.synchronize()
+        assert self._phase is not None
+        self.totals[self._phase] += time.perf_counter() - self._t0
+        self._phase = None
+
+    def metrics(self) -> Dict[str, float]:
+        return {f"perf/time_{name}_s": value for name, value in self.totals.items()}
+
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device, from the vendors' data sheets.
+# Matched as a substring of the device name, first match wins (so the specific names go first).
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+    ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("RTX 4090", 165.0), ("MI300X", 1307.0),
+    ("MI250X", 383.0), ("MI250", 362.0),
+)
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def device_peak_tflops(device: Any, override: Optional[float]) -> Optional[float]:
+    """The per-device peak for MFU: `trainer.monitor.peak_tflops`, else the table; None on CPU."""
+    if override:
+        return override
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available():
+        return peak_tflops(torch.cuda.get_device_name(device))
+    return None
+
+
+def flops_metrics(flops_per_token: float, tokens_per_s_per_device: float,
+                  peak: Optional[float]) -> Dict[str, float]:
+    """Achieved TFLOP/s per device (always) and MFU (when the device's peak is known)."""
+    achieved = flops_per_token * tokens_per_s_per_device / 1e12
+    metrics = {"perf/tflops_per_device": achieved}
+    if peak:
+        metrics["perf/mfu"] = achieved / peak
+    return metrics

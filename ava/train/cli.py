@@ -1,0 +1,124 @@
+"""`ava-train` / `python -m ava.train`: the Hydra app over `conf/`.
+
+    ava-train experiment=cpu_demo logger=none
+    deepspeed --num_gpus 8 --module ava.train deepspeed=zero3 model=base
+    torchrun --nproc_per_node 2 -m ava.train trainer.precision=fp32
+    ava-train -m model.num_experts=4,8              # a Hydra sweep
+
+Before Hydra parses anything: the `deepspeed` launcher's `--local_rank` is stripped, the
+process group is joined (multi-process launches) and rank 0's launch time is broadcast, so every
+rank resolves the same `${ava_now:}` run directory. Config and data errors end the run with one
+clear message (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ava.config import ConfigError, conf_dir, register_configs
+from ava.train import distributed, rundir
+
+log = logging.getLogger("ava.train")
+
+
+def _configure_rank_logging() -> None:
+    """Rank 0 logs at INFO; the other ranks only warnings and errors."""
+    level = logging.INFO if distributed.rank() == 0 else logging.WARNING
+    logging.getLogger("ava").setLevel(level)
+
+
+def _fail(message: str) -> None:
+    log.error("error: %s", message)
+    sys.exit(2)
+
+
+def _unknown_keys(node: Any, prefix: str = "") -> List[str]:
+    """Keys that no schema declares. Hydra's `+key=value` force-adds even to a typed node, and
+    `OmegaConf.to_object` then drops the key silently; a typo must fail instead."""
+    found: List[str] = []
+    if not isinstance(node, DictConfig):
+        return found
+    schema = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) \
+        else None
+    for key in node:
+        path = f"{prefix}{key}"
+        if names is not None and key not in names:
+            found.append(f"{path} ({schema.__name__} has no field {key!r})")
+        elif names is not None:
+            found += _unknown_keys(node._get_node(key), f"{path}.")
+    return found
+
+
+def _open_dict_overrides(argv: List[str]) -> List[str]:
+    """`deepspeed.overrides.<key>=v` -> `++deepspeed.overrides.<key>=v`: the overrides dict is
+    open (any DeepSpeed key, nested or not), which Hydra's struct mode would otherwise refuse."""
+    prefix = "deepspeed.overrides."
+    return [f"++{a}" if a.startswith(prefix) and "=" in a else a for a in argv]
+
+
+def train(cfg: DictConfig) -> Optional[float]:
+    """The Hydra task: validate, agree on the run dir, train. Returns the last validation loss
+    (what a Hydra sweeper would minimise)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ava.data import DataError
+    from ava.train.loop import Trainer
+
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        _fail("unknown config key(s): " + "; ".join(unknown))
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op-builder probes
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            _fail(str(cause))
+        raise
+    distributed.init_distributed()
+    _configure_rank_logging()
+    run_dir = rundir.agree_on_run_dir(HydraConfig.get().runtime.output_dir)
+    resolved: Any = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        result = Trainer(typed, run_dir, resolved_config=resolved).fit()
+    except (ConfigError, DataError) as exc:
+        _fail(str(exc))
+    if result.preempted:
+        sys.exit(0)  # a preempted sweep stops here too; the checkpoint is complete
+    return result.last_val_loss
+
+
+def _rank_overrides(argv: List[str]) -> List[str]:
+    """Non-zero ranks: no `.hydra/` copy and no log file of their own in the shared run dir."""
+    extra = []
+    if distributed.env_rank() != 0:
+        if not any(a.startswith("hydra.output_subdir=") for a in argv):
+            extra.append("hydra.output_subdir=null")
+        if not any(a.startswith("hydra/job_logging=") for a in argv):
+            extra.append("hydra/job_logging=stdout")
+    return extra
+
+
+def main() -> None:
+    import hydra
+
+    argv = distributed.strip_local_rank(sys.argv)
+    if distributed.env_world_size() > 1:
+        distributed.init_distributed()
+    rundir.register_time_resolver(rundir.agree_on_launch_time())
+    sys.argv = [argv[0], *_open_dict_overrides(argv[1:]), *_rank_overrides(argv[1:])]
+    register_configs()
+    app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Process-group setup that works under the `deepspeed` launcher, `torchrun` and a plain process.
+
+The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain
+`python -m ava.train` gets single-process defaults (a free local port). The backend is NCCL
+(or the accelerator's own) on GPUs and gloo on CPU; `AVA_DIST_BACKEND` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def strip_local_rank(argv: List[str]) -> List[str]:
+    """`argv` without the launcher's `--local_rank=N` / `--local_rank N` (also `--local-rank`),
+    which Hydra would reject; its value is exported as LOCAL_RANK when that is unset."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not value and i + 1 < len(argv):
+                value = argv[i + 1]
+                i += 1
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def default_backend() -> str:
+    if os.environ.get("AVA_DIST_BACKEND"):
+        return os.environ["AVA_DIST_BACKEND"]
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+
+
+def init_distributed() -> None:
+    """Join (or create) the default process group; a no-op when it already exists."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+        # a plain single process: give DeepSpeed the env a launcher would have set
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=default_backend(), auto_mpi_discovery=False,
+                               verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (identity without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM across ranks (gloo has no AVG); returns `tensor`."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def maybe_int(value: Optional[str]) -> Optional[int]:
+    return None if value in (None, "") else int(value)

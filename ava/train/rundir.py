@@ -1,0 +1,45 @@
+"""One run directory for all ranks.
+
+`conf/config.yaml` names the run directory with `${ava_now:...}`: the launch time that rank 0
+decided and broadcast before Hydra composed anything (`AVA_RUN_TIME`, when a launcher exports
+it, wins), so all ranks resolve the same path. Inside the task, rank 0 also broadcasts its
+final output directory, which all ranks then use: that holds even for a user's own
+`hydra.run.dir` built from Hydra's per-process `${now:}`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from ava.train import distributed
+
+RUN_TIME_ENV = "AVA_RUN_TIME"  # ISO time, e.g. 2025-01-31T12:00:00
+
+
+def agree_on_launch_time() -> datetime:
+    """Rank 0's launch time on every rank (needs the process group when WORLD_SIZE > 1)."""
+    if os.environ.get(RUN_TIME_ENV):
+        return datetime.fromisoformat(os.environ[RUN_TIME_ENV])
+    now = datetime.now().replace(microsecond=0)
+    return datetime.fromisoformat(distributed.broadcast_object(now.isoformat()))
+
+
+def register_time_resolver(launch_time: datetime) -> None:
+    """`${ava_now:%Y-%m-%d}` formats the agreed launch time."""
+    OmegaConf.register_new_resolver("ava_now", lambda pattern: launch_time.strftime(pattern),
+                                    replace=True, use_cache=False)
+
+
+def agree_on_run_dir(local_dir: Optional[str]) -> Path:
+    """Rank 0's run directory on every rank, created."""
+    chosen = distributed.broadcast_object(str(Path(local_dir or ".").resolve()))
+    path = Path(chosen)
+    if distributed.rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return path
