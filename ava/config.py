@@ -366,8 +366,10 @@ class LoggerConfig:
     mode: Optional[str] = None  # online | offline | disabled; null: WANDB_MODE, else by API key
     jsonl: bool = True  # <run_dir>/metrics.jsonl (+ events.jsonl: incidents, rollbacks, alerts)
     heatmap_every: int = 100  # steps between expert-load heatmaps (W&B table, JSONL list); 0: off
-    redact_keys: List[str] = field(default_factory=lambda: ["api_key", "apikey", "token", "secret",
-                                                            "password", "credential"])
+    # config keys whose values never reach W&B (substring match, case-insensitive)
+    redact_keys: List[str] = field(default_factory=lambda: [
+        "api_key", "apikey", "access_token", "auth_token", "hf_token", "secret", "password",
+        "credential"])
 
     def __post_init__(self) -> None:
         _one_of("logger.backend", self.backend, LOGGER_BACKENDS)

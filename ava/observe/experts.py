@@ -63,9 +63,10 @@ class ExpertMonitor(Callback):
     def post_micro_batch(self, state: TrainState, router_stats: List[Any]) -> None:
         if not router_stats:
             return
-        self.step_counts += torch.stack([s.tokens_per_expert.float() for s in router_stats])
-        self.extras += torch.stack([torch.stack([s.dropped_fraction.float(), s.aux_loss.float(),
-                                                 s.z_loss.float()]) for s in router_stats])
+        with torch.no_grad():
+            self.step_counts += torch.stack([s.tokens_per_expert.float() for s in router_stats])
+            self.extras += torch.stack([torch.stack([s.dropped_fraction, s.aux_loss, s.z_loss])
+                                        .detach().float() for s in router_stats])
         self.micro_batches += 1
 
     def post_step(self, state: TrainState, output: StepOutput) -> None:

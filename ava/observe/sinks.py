@@ -55,13 +55,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+SECRET_ENV_HINTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
 def redact(config: Any, patterns: List[str]) -> Any:
     """`config` with secrets replaced by "<redacted>": values under a key that contains one of
-    `patterns` (case-insensitive), and any string equal to the value of an environment variable
-    whose name contains one of them (e.g. a `${oc.env:HF_TOKEN}` interpolation)."""
+    `patterns` (`logger.redact_keys`, case-insensitive), and any string equal to the value of an
+    environment variable whose name says it is a secret (e.g. a `${oc.env:HF_TOKEN}`)."""
     pats = [p.lower() for p in patterns]
     secrets_in_env = {v for k, v in os.environ.items()
-                      if v and len(v) >= 8 and any(p in k.lower() for p in pats)}
+                      if v and len(v) >= 8 and any(h in k.upper() for h in SECRET_ENV_HINTS)}
 
     def walk(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
@@ -170,7 +173,7 @@ class ConsoleSink:
             log.warning("step %s skipped: %s (value %s, z %s); LR x%.3g%s", record.get("step"),
                         record.get("kind"), _fmt(record.get("value")), _fmt(record.get("z")),
                         record.get("lr_multiplier", 1.0), f"; largest grads: {worst}" if worst else "")
-        elif kind in ("alert", "rollback", "stop"):
+        elif kind in ("alert", "rollback"):  # a stop is logged as an error by the trainer
             log.warning("%s", record.get("text") or record)
 
     def close(self) -> None:
@@ -273,7 +276,7 @@ class WandbSink:
             worst = "; ".join(f"{n}={v:.4g}" for n, v in record.get("worst_grad_norms") or [])
             self._incidents.append([step, record.get("kind"), _fmt(record.get("value")),
                                     _fmt(record.get("z")), record.get("lr_multiplier"), worst])
-            table = self._wandb.Table(columns=self.INCIDENT_COLUMNS, data=self._incidents)
+            table = self._wandb.Table(columns=list(self.INCIDENT_COLUMNS), data=self._incidents)
             self.run.log({"health/incidents_table": table}, step=self._step(step))
             title, level = f"Step {step} skipped: {record.get('kind')}", "WARN"
             text = (f"{record.get('kind')} at step {step}: value {_fmt(record.get('value'))}, "

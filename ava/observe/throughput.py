@@ -42,11 +42,12 @@ def format_count(value: float) -> str:
 
 
 class StepTimer:
-    """Wall time of one step split into phases (data, forward, backward, step). On an accelerator
+    """Wall time of one step split into phases (data, forward, backward, health: the pre-step
+    loss reduction, gradient norm and verdict, step: the optimizer). On an accelerator
     the kernels run asynchronously, so `sync=True` (used on log steps only) synchronises at each
     phase end to make the split exact; otherwise a phase measures launch time."""
 
-    PHASES = ("data", "forward", "backward", "step")
+    PHASES = ("data", "forward", "backward", "health", "step")
 
     def __init__(self, synchronize: Optional[Callable[[], None]] = None) -> None:
         self.synchronize = synchronize

@@ -147,6 +147,18 @@ class CheckpointManager:
             raise ConfigError(error)
         return Path(chosen) if chosen else None
 
+    def resolve_before(self, max_step: int) -> Optional[Path]:
+        """The newest complete tag with step <= `max_step` (a rollback target), decided on rank 0
+        and broadcast; None when there is none."""
+        chosen: Optional[str] = None
+        if self.rank == 0:
+            for step, tag_dir in reversed(list_tags(self.dir)):
+                if step <= max_step and is_complete(tag_dir):
+                    chosen = str(tag_dir)
+                    break
+        chosen = distributed.broadcast_object(chosen)
+        return Path(chosen) if chosen else None
+
     def _resolve_local(self, spec: str) -> Optional[Path]:
         if spec == "never":
             return None

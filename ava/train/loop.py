@@ -3,6 +3,13 @@
 `Trainer(cfg, run_dir).fit()` on every rank. Rank 0 alone writes logs and metrics; every rank
 writes its checkpoint shards. Monitors plug in as `ava.observe.Callback`s, sinks as
 `ava.observe.MetricsSink`s.
+
+One optimizer step: the micro-batches' forward/backward; then, before `engine.step()`, one
+all-reduce of the losses (+ the stop vote), the global gradient norm (DeepSpeed's own), and the
+health verdict (`ava.train.health`): an unhealthy step is skipped through DeepSpeed's overflow
+path, the LR backs off, K consecutive incidents roll back to the last good checkpoint (the data
+consumed since is skipped), too many rollbacks stop the run with a diagnosis (exit code 3).
+Expert, memory and timing metrics are added on log steps (`trainer.log_every`).
 """
 
 from __future__ import annotations
@@ -15,17 +22,21 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ava.config import AvaConfig, ConfigError
 from ava.observe import Callback, CallbackList, StepOutput, Throughput, TrainState, build_sinks
-from ava.observe.sinks import MetricsSink
+from ava.observe.experts import ExpertMonitor
+from ava.observe.memory import MemoryMonitor
+from ava.observe.sinks import MetricsSink, send_event
+from ava.observe.throughput import StepTimer, device_peak_tflops, flops_metrics
 from ava.train import distributed
 from ava.train import engine as engine_mod
 from ava.train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from ava.train.health import ROLLBACK, STOP, FaultInjector, HealthMonitor, StepGuard, UnhealthyRun
 from ava.train.schedule import lr_at
 
 log = logging.getLogger("ava.train")
@@ -120,7 +131,13 @@ class Trainer:
         for fn in sched.lr_lambdas:
             fn.__dict__.update(current)
         sched.base_lrs = [current["lr"] for _ in sched.base_lrs]
-        lr = lr_at(sched.last_epoch, **current)
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        """The LR of the next update: the schedule at the scheduler's position (which skipped
+        steps do not advance) times the health monitor's backoff multiplier."""
+        lr = lr_at(self.engine.lr_scheduler.last_epoch, **self._schedule_settings())
+        lr *= self.health.lr_multiplier
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
@@ -128,7 +145,8 @@ class Trainer:
         return {"step": self.state.step, "tokens_seen": self.state.tokens_seen,
                 "world_size": self.world_size, "schedule": self._schedule_settings(),
                 "data_fingerprint": self.prepared.fingerprint,
-                "callbacks": self.callbacks.state_dict(), "config": self.resolved_config,
+                "callbacks": self.callbacks.state_dict(), "health": self.health.state_dict(),
+                "config": self.resolved_config,
                 "val_losses": {"first": self.first_val, "last": self.last_val}}
 
     def _save(self) -> None:
@@ -167,6 +185,7 @@ class Trainer:
             self.loader.load_state_dict(state0["loader"], strict=False)
             seed_everything(self.cfg.seed + self.rank + 7919 * self.state.step)
         self.callbacks.load_state_dict(client.get("callbacks") or {})
+        self.health.load_state_dict(client.get("health") or {})
         self._apply_schedule(client.get("schedule"))
         log.info("resuming from %s at step %d", tag_dir.name, self.state.step)
 
@@ -199,8 +218,27 @@ class Trainer:
                  f"{model.num_parameters(active_only=True):,}",
                  model.flops_per_token(seq_len) / 1e9)
         seed_everything(cfg.seed + self.rank)  # independent streams per rank from here on
+        self.flops_per_token = float(model.flops_per_token(seq_len))
         self.engine = engine_mod.build_engine(model, t, ds_config, impl)
         self.device = self.engine.device
+        self.health = HealthMonitor(t.health, fp16=bool(self.engine.fp16_enabled()))
+        self.guard = StepGuard(self.engine)
+        self.injector = FaultInjector(t.health.inject, self.rank)
+        self.injector.attach(self.engine.module)
+        self.experts = ExpertMonitor(
+            num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+            top_k=cfg.model.top_k, log_every=t.log_every, heatmap_every=cfg.logger.heatmap_every,
+            dead_expert_steps=t.monitor.dead_expert_steps, collapse_gini=t.monitor.collapse_gini,
+            collapse_steps=t.monitor.collapse_steps, device=self.device)
+        self.callbacks.callbacks.insert(0, self.experts)
+        self.memory = MemoryMonitor(t.monitor.memory_warn_fraction, self.device)
+        sync = None
+        if self.device.type != "cpu" and t.monitor.sync_timing:
+            from deepspeed.accelerator import get_accelerator
+
+            sync = get_accelerator().synchronize
+        self.timer = StepTimer(sync)
+        self.peak_tflops = device_peak_tflops(self.device, t.monitor.peak_tflops)
         self.loader = BlockLoader(self.prepared.train, micro_batch_size=self.micro,
                                   rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         tokens_per_step = self.micro * self.accum * self.world_size * seq_len
@@ -230,8 +268,10 @@ class Trainer:
 
             with StopRequest() as stop:
                 while self.state.step < t.max_steps:
-                    stop_all = self._train_step(throughput, stop.requested)
+                    stop_all, rolled_back = self._train_step(throughput, stop.requested)
                     step = self.state.step
+                    if rolled_back and not stop_all:
+                        continue
                     if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                         self._record_eval(self._evaluate())
                     if stop_all or (t.save_every and step % t.save_every == 0):
@@ -263,47 +303,150 @@ class Trainer:
         self.last_val = metrics["val/loss"]
         self._log_to_sinks(metrics, self.state.step)
 
-    def _train_step(self, throughput: Throughput, stop_requested: bool) -> bool:
-        """One optimizer step (all micro-batches); returns True when any rank asked to stop."""
+    def _train_step(self, throughput: Throughput, stop_requested: bool) -> Tuple[bool, bool]:
+        """One optimizer step (all micro-batches); returns (any rank asked to stop, rolled back)."""
         t0 = time.perf_counter()
-        engine, state = self.engine, self.state
+        engine, state, t = self.engine, self.state, self.cfg.trainer
+        step_no = state.step + 1  # the step being computed, as it is logged
+        log_step = step_no % t.log_every == 0 or step_no == t.max_steps
+        timer = self.timer
+        timer.start_step(sync=log_step)
         self.callbacks.pre_step(state)
-        lr = float(engine.get_lr()[0])
+        self.health.attempts += 1
+        self.injector.begin_step(self.health.attempts)
+        lr = float(engine.optimizer.param_groups[0]["lr"])
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         out = None
         for micro_step in range(self.accum):
+            timer.begin("data")
             batch = next(self.loader)
-            out = engine(batch["input_ids"].to(self.device),
-                         labels=batch["labels"].to(self.device))
-            engine.backward(out.loss)
-            if micro_step == self.accum - 1:
-                self.callbacks.pre_optim_step(state, engine)
-            engine.step()
+            input_ids = batch["input_ids"].to(self.device)
+            labels = batch["labels"].to(self.device)
+            timer.end()
+            timer.begin("forward")
+            out = engine(input_ids, labels=labels)
+            loss = self.injector.scale_loss(out.loss)
+            timer.end()
+            timer.begin("backward")
+            engine.backward(loss)
+            timer.end()
             dropped = torch.stack([s.dropped_fraction.float() for s in out.router_stats]).mean()
-            sums[:4] += torch.stack([out.loss.detach(), out.lm_loss.detach(),
+            sums[:4] += torch.stack([loss.detach(), out.lm_loss.detach(),
                                      out.aux_loss.detach(), out.z_loss.detach()]).double()
             sums[4] += dropped.double()
-        # one collective per step: the mean losses over ranks and micro-batches + the stop vote
-        packed = torch.cat([sums / self.accum,
-                            torch.tensor([float(stop_requested)], dtype=torch.float64,
-                                         device=self.device)])
-        distributed.all_reduce_sum(packed)
-        values = (packed[:5] / self.world_size).tolist()
-        stop_all = bool(packed[5].item() > 0)
+            self.callbacks.post_micro_batch(state, out.router_stats)
+            if micro_step == self.accum - 1:
+                timer.begin("health")
+                verdict, worst = self._check_health(sums, stop_requested)
+                timer.end()
+                self.callbacks.pre_optim_step(state, engine)
+            timer.begin("step")
+            engine.step()
+            timer.end()
+        applied = bool(engine.was_step_applied())
+        self.guard.after_step()
+        if verdict.skip and applied:
+            raise RuntimeError(f"step {step_no} was classified {verdict.kind} but DeepSpeed "
+                               "applied it: the skip hook did not take effect")
+        action = self.health.update(verdict, step_no)
+        self._set_lr()
+        values, stop_all = self._reduced, self._stop_all
         state.step += 1
         state.tokens_seen += throughput.tokens_per_step
         elapsed = time.perf_counter() - t0
         throughput.update(elapsed)
-        grad_norm = engine.get_global_grad_norm()
+        per_device = throughput.tokens_per_s / self.world_size
         metrics: Dict[str, float] = {
             "train/loss": values[0], "train/lm_loss": values[1], "train/aux_loss": values[2],
             "train/z_loss": values[3], "moe/dropped_fraction": values[4], "train/lr": lr,
+            "train/grad_norm": verdict.grad_norm if verdict.grad_norm is not None else math.nan,
             "train/tokens_seen": float(state.tokens_seen), "perf/step_time_s": elapsed,
             "perf/tokens_per_s": throughput.tokens_per_s,
-            "perf/eta_s": throughput.eta_s(state.max_steps - state.step)}
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
-        self.callbacks.post_step(state, StepOutput(values[0], metrics,
-                                                   list(out.router_stats) if out else []))
+            "perf/tokens_per_s_per_device": per_device,
+            "perf/eta_s": throughput.eta_s(state.max_steps - state.step),
+            "health/skipped": float(not applied), **self.health.metrics()}
+        if verdict.loss_z is not None:
+            metrics["health/loss_z"] = verdict.loss_z
+        if verdict.grad_z is not None:
+            metrics["health/grad_z"] = verdict.grad_z
+        if log_step:
+            metrics.update(timer.metrics())
+            metrics.update(flops_metrics(self.flops_per_token, per_device, self.peak_tflops))
+            metrics.update(self.memory.sample())
+        output = StepOutput(values[0], metrics, list(out.router_stats) if out else [],
+                            applied=applied)
+        if verdict.incident:
+            value, z = verdict.value_and_z()
+            output.events.append({
+                "event": "incident", "step": step_no, "kind": verdict.kind, "value": value,
+                "z": z, "loss": verdict.loss, "grad_norm": verdict.grad_norm,
+                "lr_multiplier": self.health.lr_multiplier, "consecutive": self.health.streak,
+                "attempt": self.health.attempts, "worst_grad_norms": worst})
+        self.callbacks.post_step(state, output)
         self._log_to_sinks(metrics, state.step)
-        return stop_all
+        if self.rank == 0:
+            for record in output.events:
+                send_event(self.sinks, record)
+        if action == STOP:
+            diagnosis = self.health.diagnosis(step_no)
+            if self.rank == 0:
+                log.error("%s", diagnosis)
+                send_event(self.sinks, {"event": "stop", "step": step_no, "title": "Training stopped",
+                                        "text": diagnosis})
+            raise UnhealthyRun(diagnosis)
+        if action == ROLLBACK:
+            self._rollback(step_no)
+            return stop_all, True
+        return stop_all, False
+
+    def _check_health(self, sums: torch.Tensor, stop_requested: bool
+                      ) -> Tuple[Any, List[Tuple[str, float]]]:
+        """Before `engine.step()` on the last micro-batch: reduce the losses (and the stop vote)
+        over ranks, take the global gradient norm, classify; arm the skip for an unhealthy step
+        and record the largest per-parameter gradient norms (collective under ZeRO)."""
+        packed = torch.cat([sums / self.accum,
+                            torch.tensor([float(stop_requested)], dtype=torch.float64,
+                                         device=self.device)])
+        distributed.all_reduce_sum(packed)
+        self._reduced = (packed[:5] / self.world_size).tolist()
+        self._stop_all = bool(packed[5].item() > 0)
+        grad_norm = self.guard.grad_norm()
+        verdict = self.health.classify(self._reduced[0], grad_norm)
+        worst: List[Tuple[str, float]] = []
+        if verdict.skip:
+            if verdict.incident:
+                worst = self.guard.layer_grad_norms(self.cfg.trainer.health.worst_layers)
+            self.guard.skip_next_step()
+        return verdict, worst
+
+    def _rollback(self, step_no: int) -> None:
+        """Back to the newest complete checkpoint saved before the incident streak began; the
+        loader keeps its position, so the data consumed since that checkpoint is skipped."""
+        health = self.health
+        first_bad = health.streak_start
+        tag_dir = self.ckpt.resolve_before(first_bad - 1)
+        health.on_rollback()
+        if tag_dir is None:
+            text = (f"rollback {health.rollbacks}/{self.cfg.trainer.health.max_rollbacks}: "
+                    f"{self.cfg.trainer.health.rollback_after} consecutive unhealthy steps "
+                    f"(from step {first_bad}) but no complete checkpoint at or before step "
+                    f"{first_bad - 1}: parameters are unchanged (the steps were skipped); "
+                    "continuing with fresh data")
+            to_step = self.state.step
+        else:
+            client, _ = self.ckpt.load(self.engine, tag_dir)
+            to_step = int(client["step"])
+            self.state.step = to_step
+            self.state.tokens_seen = int(client.get("tokens_seen", self.state.tokens_seen))
+            self.last_saved = to_step
+            self._apply_schedule(client.get("schedule"))
+            text = (f"rollback {health.rollbacks}/{self.cfg.trainer.health.max_rollbacks}: "
+                    f"{self.cfg.trainer.health.rollback_after} consecutive unhealthy steps "
+                    f"(steps {first_bad}-{step_no}); restored {tag_dir.name} (step {to_step}), "
+                    f"skipping the data of the {step_no - to_step} steps since; "
+                    f"LR multiplier {health.lr_multiplier:.3g}")
+        self._set_lr()
+        if self.rank == 0:  # the console sink logs it
+            send_event(self.sinks, {"event": "rollback", "step": step_no, "to_step": to_step,
+                                    "rollbacks": health.rollbacks, "title": "Rollback",
+                                    "text": text})
