@@ -2,24 +2,33 @@
 
     <run_dir>/checkpoints/
         step_00000500/     one tag per save: DeepSpeed's files from every rank, Ava's per-rank state
-            COMPLETE.json  written by rank 0 after a barrier every rank reached with its shards on disk
+            COMPLETE.json  the manifest: every file's size and sha256, written last (after a
+                           barrier that every rank reached with its files on disk), atomically
         latest             the newest complete tag (for DeepSpeed's own tools)
 
-A tag without `COMPLETE.json` was interrupted mid-save and is never resumed or exported.
+A tag without a manifest was interrupted mid-save; a tag whose files differ from its manifest
+(truncated, flipped bytes, missing) is corrupt. Neither is ever resumed, rolled back to or
+exported. The manifest guards integrity (accidents), not authenticity: anyone who can write the
+directory can rewrite the manifest too, and DeepSpeed's own files are pickles.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 log = logging.getLogger("ava.checkpoints")
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+MANIFEST_FORMAT = 2  # 1: a bare list of file names (no sizes, no hashes)
+HASH_CHUNK = 1 << 20
 
 
 def tag_for(step: int) -> str:
@@ -27,7 +36,75 @@ def tag_for(step: int) -> str:
 
 
 def is_complete(tag_dir: Path) -> bool:
+    """Has a manifest: the save finished on every rank (its files may still have rotted since)."""
     return (tag_dir / MARKER).is_file()
+
+
+def payload_files(tag_dir: Path) -> List[str]:
+    """The files a manifest covers: everything under the tag but the manifest and temporaries."""
+    names = []
+    for path in tag_dir.rglob("*"):
+        rel = path.relative_to(tag_dir).as_posix()
+        if path.is_file() and rel != MARKER and not path.name.startswith("."):
+            names.append(rel)
+    return sorted(names)
+
+
+def file_digest(path: Path, *, fsync: bool = False) -> Dict[str, object]:
+    """{"size", "sha256"} of one file; `fsync` also flushes it to stable storage first (the
+    manifest must never be durable before the files it vouches for)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            sha.update(chunk)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def digest_files(tag_dir: Path, names: Iterable[str], *, fsync: bool = False
+                 ) -> Dict[str, Dict[str, object]]:
+    return {name: file_digest(tag_dir / name, fsync=fsync) for name in names}
+
+
+def read_manifest(tag_dir: Path) -> Dict:
+    """The parsed manifest; ValueError naming the file when it is not valid JSON of either format."""
+    path = tag_dir / MARKER
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), (dict, list)):
+        raise ValueError(f"{path}: not a checkpoint manifest (no 'files' entry)")
+    return manifest
+
+
+def verify(tag_dir: Path, *, hashes: bool = True) -> List[str]:
+    """What is wrong with one tag (empty when intact): no manifest, a file missing, a size or a
+    sha256 (`hashes=False`: sizes only) that differs from the manifest. Each problem names the file."""
+    if not is_complete(tag_dir):
+        return [f"no {MARKER}: its save was interrupted"]
+    try:
+        manifest = read_manifest(tag_dir)
+    except ValueError as exc:
+        return [str(exc)]
+    files = manifest["files"]
+    problems = []
+    if isinstance(files, list):  # format 1: names only
+        return [f"{tag_dir / n}: missing" for n in files if not (tag_dir / n).is_file()]
+    for name, want in sorted(files.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want.get("size"):
+            problems.append(f"{path}: {size} bytes, the manifest says {want.get('size')} "
+                            "(truncated or overwritten)")
+        elif hashes and file_digest(path)["sha256"] != want.get("sha256"):
+            problems.append(f"{path}: sha256 differs from the manifest's (the file changed "
+                            "after it was saved)")
+    return problems
 
 
 def list_tags(ckpt_dir: Path) -> List[Tuple[int, Path]]:
@@ -42,11 +119,25 @@ def list_tags(ckpt_dir: Path) -> List[Tuple[int, Path]]:
     return sorted(tags)
 
 
-def newest_complete(ckpt_dir: Path) -> Optional[Path]:
-    """The newest tag with a completeness marker; newer incomplete ones are reported and skipped."""
+def newest_intact(ckpt_dir: Path, *, max_step: Optional[int] = None, hashes: bool = True
+                  ) -> Tuple[Optional[Path], List[str]]:
+    """The newest tag (at or before `max_step`) that is complete and matches its manifest, and the
+    reasons every newer tag was passed over (each also logged as a warning)."""
+    rejected: List[str] = []
     for step, tag_dir in reversed(list_tags(ckpt_dir)):
-        if is_complete(tag_dir):
-            return tag_dir
-        log.warning("checkpoint %s (step %d) is incomplete (no %s): its save was interrupted; skipping it",
-                    tag_dir, step, MARKER)
-    return None
+        if max_step is not None and step > max_step:
+            continue
+        problems = verify(tag_dir, hashes=hashes)
+        if not problems:
+            return tag_dir, rejected
+        reason = f"{tag_dir.name}: " + "; ".join(problems)
+        rejected.append(reason)
+        kind = "incomplete" if not is_complete(tag_dir) else "corrupt"
+        log.warning("checkpoint %s (step %d) is %s: %s; skipping it", tag_dir, step, kind,
+                    "; ".join(problems))
+    return None, rejected
+
+
+def newest_complete(ckpt_dir: Path, *, hashes: bool = True) -> Optional[Path]:
+    """The newest intact tag; incomplete and corrupt newer ones are reported and skipped."""
+    return newest_intact(ckpt_dir, hashes=hashes)[0]

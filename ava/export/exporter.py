@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from ava.checkpoints import MARKER, newest_complete
+from ava.checkpoints import MARKER, newest_intact, verify
 from ava.config import ModelConfig
 from ava.export.card import model_card
 from ava.export.consolidate import consolidate
@@ -65,11 +65,16 @@ def locate(source: Path) -> CheckpointSource:
     if not source.is_dir():
         raise ExportError(f"{source} does not exist or is not a directory; pass a run directory or a checkpoint tag")
     if (source / MARKER).is_file():
+        problems = verify(source)
+        if problems:
+            raise ExportError(f"{source} is corrupt: " + "; ".join(problems) + "; export an older checkpoint")
         tag_dir = source
     elif (source / "checkpoints").is_dir():
-        tag_dir = newest_complete(source / "checkpoints")
-        if tag_dir is None:
-            raise ExportError(f"{source / 'checkpoints'} holds no complete checkpoint (none has {MARKER})")
+        found, rejected = newest_intact(source / "checkpoints")
+        if found is None:
+            why = ("; ".join(rejected)) if rejected else "it is empty"
+            raise ExportError(f"{source / 'checkpoints'} holds no intact checkpoint: {why}")
+        tag_dir = found
     elif any(source.glob("*model_states.pt")):
         raise ExportError(f"{source} is a checkpoint whose save never completed (no {MARKER}); export an older one")
     else:

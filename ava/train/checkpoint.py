@@ -1,17 +1,19 @@
-"""Checkpoints: DeepSpeed shards + Ava's client state, a completeness marker, keep-last-K, resume.
+"""Checkpoints: DeepSpeed shards + Ava's client state, a manifest, keep-last-K, resume.
 
 Layout of `<run_dir>/checkpoints/`:
 
     step_00000500/              one tag per save (DeepSpeed's files, every rank's shards)
         ava_rank_00000.pt       this rank's RNG states (python, numpy, torch) and loader position
-        COMPLETE.json           written by rank 0 only after a barrier that every rank reaches
-                                once its shards are on disk; a tag without it is never resumed
+        COMPLETE.json           the manifest (size + sha256 of every file), written last
     latest                      the newest complete tag (for DeepSpeed's own tools)
 
-DeepSpeed writes its `latest` without a barrier or an atomic rename, so Ava passes
-`save_latest=False` and writes its own after the marker. Resume (`trainer.resume=auto`) picks
-the newest tag that has a marker. Assumes a file system shared by all ranks (the usual cluster
-setup); rank 0 decides which tag and broadcasts it.
+A save: every rank writes its files; barrier; the file list is split across the ranks, each
+fsyncs and hashes its share; rank 0 gathers the digests and writes the manifest atomically (temp
+file, fsync, rename, directory fsync); then `latest`. DeepSpeed writes its own `latest` without a
+barrier or an atomic rename, so Ava passes `save_latest=False` and never trusts it. Resume
+(`trainer.resume=auto`) and rollback take the newest tag that has a manifest and matches it;
+incomplete and corrupt tags are skipped with a warning naming the file. Assumes a file system
+shared by all ranks (the usual cluster setup); rank 0 decides which tag and broadcasts it.
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ava.checkpoints import LATEST, MARKER, TAG_PATTERN, is_complete, list_tags, newest_complete, tag_for
+from ava.checkpoints import (
+    LATEST,
+    MANIFEST_FORMAT,
+    MARKER,
+    TAG_PATTERN,
+    digest_files,
+    is_complete,
+    list_tags,
+    newest_intact,
+    payload_files,
+    tag_for,
+    verify,
+)
 from ava.config import ConfigError
 from ava.train import distributed
 
@@ -40,12 +54,19 @@ def rank_state_name(rank: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write temp, fsync, rename, fsync the directory: after a crash the file is either the old
+    one or the whole new one, never a torn write."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- per-rank state (RNG + loader), saved so that `torch.load(weights_only=True)` reads it ---
@@ -84,16 +105,22 @@ def restore_rng(state: Dict[str, Any]) -> None:
 class CheckpointManager:
     """Saves, prunes and finds checkpoints of one run (every rank holds one)."""
 
-    def __init__(self, ckpt_dir: Path, keep_last: int) -> None:
+    def __init__(self, ckpt_dir: Path, keep_last: int, verify_hashes: bool = True) -> None:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
+        self.verify_hashes = verify_hashes
         self.rank = distributed.rank()
         self.world_size = distributed.world_size()
 
     # ---- save ----
     def save(self, engine: Any, step: int, client_state: Dict[str, Any],
-             rank_state: Dict[str, Any]) -> Path:
-        """Save tag `step_N` on every rank; mark it complete once all ranks are done."""
+             rank_state: Dict[str, Any],
+             files_written: Optional[Callable[[int], None]] = None,
+             meta: Optional[Dict[str, Any]] = None) -> Path:
+        """Save tag `step_N` on every rank; write its manifest once all ranks are done.
+        `files_written(step)` runs on every rank between its own files and the barrier (the
+        fault drill's kill point: shards on disk, no manifest). `meta` goes into the manifest
+        (what resume checks before loading: e.g. the data fingerprint)."""
         start = time.perf_counter()
         tag = tag_for(step)
         tag_dir = self.dir / tag
@@ -106,15 +133,22 @@ class CheckpointManager:
                                save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
         path = tag_dir / rank_state_name(self.rank)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         torch.save(rank_state, tmp)
         os.replace(tmp, path)
-        distributed.barrier()  # every rank's shards are on disk past this point
+        if files_written is not None:
+            files_written(step)
+        distributed.barrier()  # every rank's files are on disk past this point
+        names = distributed.broadcast_object(payload_files(tag_dir) if self.rank == 0 else None)
+        mine = digest_files(tag_dir, names[self.rank::self.world_size], fsync=True)
+        digests = distributed.all_gather_object(mine)
         if self.rank == 0:
-            marker = {"tag": tag, "step": step, "world_size": self.world_size,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "files": sorted(p.name for p in tag_dir.iterdir())}
-            _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
+            files = {name: d for part in digests for name, d in part.items()}
+            manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": step,
+                        "world_size": self.world_size,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        **(meta or {}), "files": dict(sorted(files.items()))}
+            _atomic_write(tag_dir / MARKER, json.dumps(manifest, indent=1) + "\n")
             _atomic_write(self.dir / LATEST, tag)
             self.prune(step)
         distributed.barrier()
@@ -148,22 +182,32 @@ class CheckpointManager:
         return Path(chosen) if chosen else None
 
     def resolve_before(self, max_step: int) -> Optional[Path]:
-        """The newest complete tag with step <= `max_step` (a rollback target), decided on rank 0
+        """The newest intact tag with step <= `max_step` (a rollback target), decided on rank 0
         and broadcast; None when there is none."""
         chosen: Optional[str] = None
         if self.rank == 0:
-            for step, tag_dir in reversed(list_tags(self.dir)):
-                if step <= max_step and is_complete(tag_dir):
-                    chosen = str(tag_dir)
-                    break
+            found, _ = newest_intact(self.dir, max_step=max_step, hashes=self.verify_hashes)
+            chosen = str(found) if found else None
         chosen = distributed.broadcast_object(chosen)
         return Path(chosen) if chosen else None
+
+    def _newest(self, ckpt_dir: Path, spec: str) -> Optional[Path]:
+        """The newest intact tag of `ckpt_dir`. Only interrupted saves and nothing else: None
+        (nothing was ever complete, nothing is lost). Complete tags that are all corrupt: an
+        error, because starting over would silently throw the run away."""
+        found, rejected = newest_intact(ckpt_dir, hashes=self.verify_hashes)
+        if found is None and any(is_complete(d) for _, d in list_tags(ckpt_dir)):
+            raise ConfigError(
+                f"trainer.resume={spec!r}: no intact checkpoint left in {ckpt_dir}: "
+                + " | ".join(rejected) + ". Restore the files from a copy, or start over "
+                "with trainer.resume=never (or another hydra.run.dir)")
+        return found
 
     def _resolve_local(self, spec: str) -> Optional[Path]:
         if spec == "never":
             return None
         if spec == "auto":
-            return newest_complete(self.dir)
+            return self._newest(self.dir, spec)
         path = Path(spec)
         if not path.exists() and (self.dir / spec).exists():
             path = self.dir / spec
@@ -171,11 +215,12 @@ class CheckpointManager:
             raise ConfigError(f"trainer.resume={spec!r}: no such checkpoint directory "
                               f"(nor a tag in {self.dir})")
         if TAG_PATTERN.match(path.name) or (path / MARKER).exists():
-            if not is_complete(path):
-                raise ConfigError(f"trainer.resume={spec!r}: {path} is incomplete (no {MARKER}): "
-                                  "its save was interrupted")
+            problems = verify(path, hashes=self.verify_hashes)
+            if problems:
+                raise ConfigError(f"trainer.resume={spec!r}: {path} cannot be resumed: "
+                                  + "; ".join(problems))
             return path
-        found = newest_complete(path)
+        found = self._newest(path, spec)
         if found is None:
             raise ConfigError(f"trainer.resume={spec!r}: no complete checkpoint in {path}")
         return found
