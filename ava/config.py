@@ -191,7 +191,7 @@ LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-INJECT_KINDS = ("nan_grad", "loss_spike")
+INJECT_KINDS = ("nan_grad", "loss_spike", "kill_during_save", "exit")
 
 
 @dataclass
@@ -200,13 +200,16 @@ class InjectConfig:
 
     `kind: nan_grad` sets one element of one gradient to NaN (a tensor hook on the first
     parameter whose name contains `param`, on rank `rank`); `kind: loss_spike` multiplies that
-    rank's loss by `scale` before backward. `steps` are 1-based data-window numbers: the count of
+    rank's loss by `scale` before backward; `kind: kill_during_save` sends SIGKILL to rank `rank`
+    while it saves the checkpoint of a step in `steps` (its shards written, the manifest not yet);
+    `kind: exit` ends rank `rank` with `os._exit(1)` at the start of a step in `steps` (a crashed
+    rank). `steps` are 1-based data-window numbers: the count of
     optimizer steps attempted in this run (skipped and rolled-back ones included), which equals
     the logged step until the first rollback. A rollback does not rewind the data, so an injected
     fault, like a bad batch, is not seen again.
     """
 
-    kind: Optional[str] = None  # null | nan_grad | loss_spike
+    kind: Optional[str] = None  # null | nan_grad | loss_spike | kill_during_save | exit
     steps: List[int] = field(default_factory=list)
     scale: float = 1000.0
     param: str = "experts"
@@ -312,13 +315,16 @@ class TrainerConfig:
     save_at_end: bool = True
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto | never | a checkpoint tag or directory
+    verify_checkpoints: bool = True  # resume/rollback check every file's sha256 (false: sizes)
+    allow_data_change: bool = False  # resume even if the data fingerprint differs from the saved one
+    dist_timeout_s: int = 1800  # process-group timeout: a lost rank ends the run within this
     deterministic: bool = False  # torch.use_deterministic_algorithms
     health: HealthConfig = field(default_factory=HealthConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches",
-                    "log_every", "keep_last"):
+                    "log_every", "keep_last", "dist_timeout_s"):
             value = getattr(self, key)
             _require(value > 0, f"trainer.{key}={value} must be a positive integer")
         for key in ("warmup_steps", "eval_every", "save_every"):

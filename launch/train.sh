@@ -5,6 +5,10 @@
 #   NPROC=2 launch/train.sh experiment=smoke             # CPU: 2 ranks (ZeRO shards them)
 #   launch/train.sh model=small deepspeed=zero3          # GPU node: all GPUs
 #   NPROC=4 MASTER_PORT=29600 launch/train.sh ...        # GPU node: 4 of its GPUs
+#
+# SIGTERM to this script (a scheduler's preemption, `kill PID`) is passed to the training ranks
+# themselves: they finish the step, agree, save a checkpoint and exit 0, and so does this script.
+# (DeepSpeed's own launcher answers SIGTERM by terminating its children and exiting 1.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]]; then source .venv/bin/activate; fi
@@ -12,13 +16,33 @@ if [[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]]; then source .venv/bin/a
 PORT="${MASTER_PORT:-29500}"
 NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
 if [[ "$NGPU" -gt 0 ]]; then
-  exec deepspeed --num_gpus "${NPROC:-$NGPU}" --master_port "$PORT" --no_local_rank \
-    --module ava.train "$@"
+  NPROC="${NPROC:-$NGPU}"
+else
+  export DS_ACCELERATOR=cpu
+  NPROC="${NPROC:-1}"
+  CORES=$(nproc)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
 fi
 
-export DS_ACCELERATOR=cpu
-NPROC="${NPROC:-1}"
-CORES=$(nproc)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
-exec deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank \
-  --module ava.train "$@"
+# The ranks are the launcher's grandchildren (deepspeed -> deepspeed.launcher.launch -> ranks).
+signal_ranks() {
+  python - "$1" "$2" <<'PY'
+import signal, sys
+import psutil
+launcher, name = int(sys.argv[1]), sys.argv[2]
+for child in psutil.Process(launcher).children():
+    for rank in child.children():
+        rank.send_signal(getattr(signal, name))
+PY
+}
+
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank --module ava.train "$@" &
+LAUNCHER=$!
+trap 'signal_ranks "$LAUNCHER" SIGTERM || true' TERM
+trap ':' INT  # Ctrl-C reaches every process of the terminal's foreground group already
+set +e
+wait "$LAUNCHER"
+while kill -0 "$LAUNCHER" 2>/dev/null; do  # a trap interrupted `wait`: keep waiting
+  wait "$LAUNCHER"
+done
+wait "$LAUNCHER"  # the launcher's own exit status (bash keeps it after the process is gone)

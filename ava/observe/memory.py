@@ -1,5 +1,6 @@
-"""Memory monitor: host RSS (and how full the host is), accelerator allocated/reserved/peak, and
-a warning before an out-of-memory risk (usage above `trainer.monitor.memory_warn_fraction`)."""
+"""Memory monitor: host RSS (and how full the host is), open file descriptors, accelerator
+allocated/reserved/peak, and a warning before an out-of-memory risk (usage above
+`trainer.monitor.memory_warn_fraction`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class MemoryMonitor:
         vm = psutil.virtual_memory()
         metrics = {"mem/host_rss_gb": rss / GB,
                    "mem/host_used_fraction": 1.0 - vm.available / vm.total}
+        if hasattr(self.process, "num_fds"):  # POSIX: a leak of files or sockets shows here
+            metrics["mem/open_fds"] = float(self.process.num_fds())
         if self.device is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
             reserved = torch.cuda.memory_reserved(self.device)

@@ -223,9 +223,13 @@ class WandbSink:
 
     W&B needs a non-decreasing step; after a rollback the trainer's step goes back, so the W&B
     step is the trainer's step plus an offset that grows at each rollback (`train/step` holds
-    the trainer's own step for plotting)."""
+    the trainer's own step for plotting). A resumed process re-computes the steps between its
+    checkpoint and the point where the previous attempt stopped; those were already logged (with
+    the same values: resume is exact), so they are not sent again. The id, the last W&B step
+    sent and the offset live in `<run_dir>/wandb_state.json` for that purpose."""
 
     INCIDENT_COLUMNS = ("step", "kind", "value", "z", "lr_multiplier", "worst_grad_norms")
+    STATE_FILE = "wandb_state.json"
 
     def __init__(self, run_dir: Path, *, project: str, entity: Optional[str], group: Optional[str],
                  name: Optional[str], tags: List[str], mode: Optional[str],
@@ -233,9 +237,9 @@ class WandbSink:
         import wandb
 
         resolved, note = wandb_mode(mode)
-        id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-        id_file.write_text(run_id + "\n")
+        self._state_path = run_dir / self.STATE_FILE
+        state = self._read_state(run_dir)
+        run_id = str(state.get("id") or secrets.token_hex(4))
         self.run = wandb.init(
             project=project, entity=entity, group=group, name=name or run_dir.name,
             tags=list(tags) or None, config=config, dir=str(run_dir), id=run_id,
@@ -248,15 +252,50 @@ class WandbSink:
         elif resolved == "online":
             log.info("W&B: %s", getattr(self.run, "url", None) or "online")
         self._wandb = wandb
-        self._offset = 0
-        self._last = int(getattr(self.run, "step", 0) or 0)
+        self._id = run_id
+        self._offset = int(state.get("offset", 0))
+        # W&B steps up to here were sent by an earlier attempt of this run (or are on the server)
+        self._sent_upto = max(int(state.get("last_step", -1)),
+                              int(getattr(self.run, "step", 0) or 0) - 1)
+        self._last = -1
+        self._skipped = 0
         self._incidents: List[List[Any]] = []
+        if self._sent_upto >= 0:
+            log.info("W&B: continuing run %s after step %d", run_id, self._sent_upto)
+        self._write_state(self._sent_upto)
+
+    @classmethod
+    def _read_state(cls, run_dir: Path) -> Dict[str, Any]:
+        path = run_dir / cls.STATE_FILE
+        if path.is_file():
+            try:
+                return dict(json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                log.warning("W&B: %s is unreadable (%s): starting a new W&B run", path, exc)
+                return {}
+        legacy = run_dir / "wandb_id.txt"  # runs written before wandb_state.json
+        return {"id": legacy.read_text().strip()} if legacy.is_file() else {}
+
+    def _write_state(self, last_step: int) -> None:
+        tmp = self._state_path.with_name(f".{self._state_path.name}.tmp")
+        tmp.write_text(json.dumps({"id": self._id, "last_step": last_step,
+                                   "offset": self._offset}) + "\n")
+        os.replace(tmp, self._state_path)
 
     def _step(self, step: int) -> int:
         if step + self._offset < self._last:
             self._offset = self._last - step
         self._last = step + self._offset
         return self._last
+
+    def _send(self, data: Dict[str, Any], step: int) -> bool:
+        """Log `data` at W&B step `step` unless an earlier attempt of this run already did."""
+        if step <= self._sent_upto:
+            self._skipped += 1
+            return False
+        self.run.log(data, step=step)
+        self._write_state(step)
+        return True
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         data: Dict[str, Any] = dict(metrics)
@@ -267,7 +306,7 @@ class WandbSink:
             data[HEATMAP_KEY] = self._wandb.Table(
                 columns=["layer", *(f"expert_{e}" for e in range(experts))],
                 data=[[layer, *row] for layer, row in enumerate(heatmap)])
-        self.run.log(data, step=self._step(step))
+        self._send(data, self._step(step))
 
     def event(self, record: Mapping[str, Any]) -> None:
         kind = record.get("event")
@@ -277,7 +316,8 @@ class WandbSink:
             self._incidents.append([step, record.get("kind"), _fmt(record.get("value")),
                                     _fmt(record.get("z")), record.get("lr_multiplier"), worst])
             table = self._wandb.Table(columns=list(self.INCIDENT_COLUMNS), data=self._incidents)
-            self.run.log({"health/incidents_table": table}, step=self._step(step))
+            if not self._send({"health/incidents_table": table}, self._step(step)):
+                return  # an earlier attempt of this run already reported it
             title, level = f"Step {step} skipped: {record.get('kind')}", "WARN"
             text = (f"{record.get('kind')} at step {step}: value {_fmt(record.get('value'))}, "
                     f"z {_fmt(record.get('z'))}; LR multiplier {record.get('lr_multiplier')}; "
@@ -294,6 +334,9 @@ class WandbSink:
             log.debug("wandb.alert failed: %s", exc)
 
     def close(self) -> None:
+        if self._skipped:
+            log.info("W&B: %d record(s) of steps <= %d were already logged by an earlier attempt "
+                     "of this run and were not sent again", self._skipped, self._sent_upto)
         self.run.finish()
 
 

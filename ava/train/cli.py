@@ -5,10 +5,11 @@
     torchrun --nproc_per_node 2 -m ava.train trainer.precision=fp32
     ava-train -m model.num_experts=4,8              # a Hydra sweep
 
-Before Hydra parses anything: the `deepspeed` launcher's `--local_rank` is stripped, the
-process group is joined (multi-process launches) and rank 0's launch time is broadcast, so every
-rank resolves the same `${ava_now:}` run directory. Config and data errors end the run with one
-clear message (exit code 2), never a traceback.
+Before Hydra parses anything: the `deepspeed` launcher's `--local_rank` is stripped and rank
+0's launch time is shared through the launcher's key-value store, so every rank resolves the
+same `${ava_now:}` run directory. The process group is created only once the configuration
+has validated: config and data errors end the run with one clear message (exit code 2), never
+a traceback and never a half-built process group.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ava.config import ConfigError, conf_dir, register_configs
 from ava.train import distributed, rundir
@@ -62,13 +64,18 @@ def _open_dict_overrides(argv: List[str]) -> List[str]:
     return [f"++{a}" if a.startswith(prefix) and "=" in a else a for a in argv]
 
 
+_TASK_ENTERED = False  # Hydra's own config errors end the process (exit 1) before the task
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """The Hydra task: validate, agree on the run dir, train. Returns the last validation loss
     (what a Hydra sweeper would minimise)."""
+    global _TASK_ENTERED
+    _TASK_ENTERED = True
     from hydra.core.hydra_config import HydraConfig
 
     from ava.data import DataError
-    from ava.train.loop import Trainer
+    from ava.train.loop import Trainer, preflight
 
     unknown = _unknown_keys(cfg)
     if unknown:
@@ -78,12 +85,21 @@ def train(cfg: DictConfig) -> Optional[float]:
         typed = OmegaConf.to_object(cfg)
     except ConfigError as exc:
         _fail(str(exc))
+    except MissingMandatoryValue as exc:
+        _fail(f"Missing mandatory value: {exc.full_key} (give it a value in the YAML or on the "
+              f"command line: {exc.full_key}=...)")
     except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ConfigError):
             _fail(str(cause))
+        if isinstance(exc, OmegaConfBaseException):
+            _fail(str(exc).splitlines()[0])
         raise
-    distributed.init_distributed()
+    try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths
+        preflight(typed, distributed.env_world_size())
+    except ConfigError as exc:
+        _fail(str(exc))
+    distributed.init_distributed(typed.trainer.dist_timeout_s)
     _configure_rank_logging()
     run_dir = rundir.agree_on_run_dir(HydraConfig.get().runtime.output_dir)
     resolved: Any = OmegaConf.to_container(cfg, resolve=True)
@@ -91,6 +107,13 @@ def train(cfg: DictConfig) -> Optional[float]:
         result = Trainer(typed, run_dir, resolved_config=resolved).fit()
     except (ConfigError, DataError) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:
+        if not distributed.is_lost_peer_error(exc):
+            raise
+        log.error("error: lost contact with another rank (%s). This rank stops too; rerun the "
+                  "same command to resume from the last complete checkpoint (trainer.resume=auto)",
+                  str(exc).splitlines()[0][:300])
+        sys.exit(1)
     if result.preempted:
         sys.exit(0)  # a preempted sweep stops here too; the checkpoint is complete
     return result.last_val_loss
@@ -111,13 +134,16 @@ def main() -> None:
     import hydra
 
     argv = distributed.strip_local_rank(sys.argv)
-    if distributed.env_world_size() > 1:
-        distributed.init_distributed()
     rundir.register_time_resolver(rundir.agree_on_launch_time())
     sys.argv = [argv[0], *_open_dict_overrides(argv[1:]), *_rank_overrides(argv[1:])]
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 1 and not _TASK_ENTERED:  # Hydra rejected an override or a config file
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@ The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from datetime import timedelta
 from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+log = logging.getLogger("ava.train")
 
 
 def strip_local_rank(argv: List[str]) -> List[str]:
@@ -64,27 +69,70 @@ def default_backend() -> str:
     return "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
 
 
-def init_distributed() -> None:
-    """Join (or create) the default process group; a no-op when it already exists."""
+_LAUNCH_STORE: Optional[Any] = None
+
+
+def is_multiprocess_launch() -> bool:
+    """Started by a launcher (deepspeed, torchrun, srun wrapper) with more than one rank."""
+    return env_world_size() > 1 and "MASTER_ADDR" in os.environ
+
+
+def launch_store() -> Any:
+    """The launcher's key-value store (`env://` rendezvous; torchrun's agent store when it has
+    one), joined without creating a process group: ranks exchange small values (the launch
+    time) before the configuration is validated, and the process group is later built on it."""
+    global _LAUNCH_STORE
+    if _LAUNCH_STORE is None:
+        store, _, _ = next(dist.rendezvous("env://", timeout=default_pg_timeout))
+        _LAUNCH_STORE = store
+    return _LAUNCH_STORE
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> None:
+    """Join (or create) the default process group; a no-op when it already exists. Called only
+    after the configuration validated, so a config error never leaves a half-built group behind.
+    `timeout_s` bounds every collective: a rank that died or hangs ends the run within it."""
     if dist.is_available() and dist.is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+    timeout = timedelta(seconds=timeout_s) if timeout_s else default_pg_timeout
+    backend = default_backend()
+    if is_multiprocess_launch():
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+        store = launch_store()
+        store.set_timeout(timeout)
+        dist.init_process_group(backend, store=store, rank=env_rank(),
+                                world_size=env_world_size(), timeout=timeout)
+    else:
         # a plain single process: give DeepSpeed the env a launcher would have set
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=default_backend(), auto_mpi_discovery=False,
-                               verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timeout)
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ["LOCAL_RANK"]))
+    if rank() == 0:
+        log.info("process group: %s, %d rank(s), timeout %ds", backend, world_size(),
+                 int(timeout.total_seconds()))
+
+
+LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "timed out", "Timed out", "NCCL communicator was aborted")
+
+
+def is_lost_peer_error(exc: BaseException) -> bool:
+    """A collective failed because another rank died or hung past the process-group timeout
+    (gloo raises a plain RuntimeError, NCCL and the store torch.distributed.DistError)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in LOST_PEER_SIGNS)
 
 
 def rank() -> int:
@@ -102,6 +150,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """`obj` of every rank, in rank order, on every rank (`[obj]` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

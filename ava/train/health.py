@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -356,8 +358,8 @@ class StepGuard:
 # --------------------------------------------------------------------------- fault injection
 
 class FaultInjector:
-    """`trainer.health.inject` (tests and fault drills): NaN into one gradient, or a loss spike,
-    on the configured data windows, on one rank."""
+    """`trainer.health.inject` (tests and fault drills): NaN into one gradient, a loss spike, a
+    SIGKILL in the middle of a checkpoint save, or a rank that exits, on one rank."""
 
     def __init__(self, cfg: InjectConfig, rank: int) -> None:
         self.cfg = cfg
@@ -379,6 +381,19 @@ class FaultInjector:
 
     def begin_step(self, attempt: int) -> None:
         self.active = self.enabled and attempt in self.cfg.steps
+        if self.active and self.cfg.kind == "exit":
+            log.error("fault injection: rank %d exits (os._exit(1)) at step %d", self.cfg.rank,
+                      attempt)
+            logging.shutdown()
+            os._exit(1)
+
+    def during_save(self, step: int) -> None:
+        """Called by every rank once its checkpoint files are written, before the manifest."""
+        if self.enabled and self.cfg.kind == "kill_during_save" and step in self.cfg.steps:
+            log.error("fault injection: SIGKILL to rank %d while saving step %d", self.cfg.rank,
+                      step)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _nan_hook(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.active:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ava.checkpoints import read_manifest
 from ava.config import AvaConfig, ConfigError
 from ava.observe import Callback, CallbackList, StepOutput, Throughput, TrainState, build_sinks
 from ava.observe.experts import ExpertMonitor
@@ -35,7 +36,7 @@ from ava.observe.sinks import MetricsSink, send_event
 from ava.observe.throughput import StepTimer, device_peak_tflops, flops_metrics
 from ava.train import distributed
 from ava.train import engine as engine_mod
-from ava.train.checkpoint import CheckpointManager, capture_rng, restore_rng
+from ava.train.checkpoint import CheckpointManager, capture_rng, rank_state_name, restore_rng
 from ava.train.health import ROLLBACK, STOP, FaultInjector, HealthMonitor, StepGuard, UnhealthyRun
 from ava.train.schedule import lr_at
 
@@ -59,6 +60,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def preflight(cfg: AvaConfig, world_size: int) -> Tuple[Dict[str, Any], str]:
+    """Checks that need the world size but no process group, model or data (run before the
+    process group exists); returns the DeepSpeed config and optimizer implementation."""
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds "
+                          f"model.max_seq_len={cfg.model.max_seq_len}")
+    return engine_mod.plan(cfg.trainer, cfg.deepspeed, world_size)
+
+
 class Trainer:
     def __init__(self, cfg: AvaConfig, run_dir: Path, *, resolved_config: Optional[Dict] = None,
                  callbacks: Iterable[Callback] = (), sinks: Optional[List[MetricsSink]] = None
@@ -74,12 +84,6 @@ class Trainer:
         self._warned_no_val = False
 
     # ------------------------------------------------------------------ setup
-    def _validate(self) -> None:
-        cfg = self.cfg
-        if cfg.data.seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds "
-                              f"model.max_seq_len={cfg.model.max_seq_len}")
-
     def _log_to_sinks(self, metrics: Dict[str, float], step: int) -> None:
         for sink in self.sinks:
             sink.log(metrics, step)
@@ -152,7 +156,9 @@ class Trainer:
     def _save(self) -> None:
         tag_dir = self.ckpt.save(self.engine, self.state.step, self._client_state(),
                                  {"rng": capture_rng(), "loader": self.loader.state_dict(),
-                                  "step": self.state.step})
+                                  "step": self.state.step},
+                                 files_written=self.injector.during_save,
+                                 meta={"data_fingerprint": self.prepared.fingerprint})
         self.last_saved = self.state.step
         self.callbacks.post_checkpoint_saved(self.state, tag_dir)
 
@@ -163,31 +169,57 @@ class Trainer:
             if spec == "auto":
                 log.info("no complete checkpoint in %s: starting from step 0", self.ckpt.dir)
             return
+        data_changed = self._check_resumable(tag_dir)
         client, rank_state = self.ckpt.load(self.engine, tag_dir)
         self.state.step = int(client["step"])
         self.state.tokens_seen = int(client.get("tokens_seen", 0))
         self.last_saved = self.state.step
         vals = client.get("val_losses") or {}
         self.first_val, self.last_val = vals.get("first"), vals.get("last")
-        if client.get("data_fingerprint") not in (None, self.prepared.fingerprint):
-            log.warning("the data changed since checkpoint %s (fingerprint %s -> %s)",
-                        tag_dir.name, client.get("data_fingerprint"), self.prepared.fingerprint)
-        same_world = int(client.get("world_size", self.world_size)) == self.world_size
-        if rank_state is not None and same_world:
-            self.loader.load_state_dict(rank_state["loader"])
-            restore_rng(rank_state["rng"])
+        if rank_state is None:
+            raise ConfigError(f"checkpoint {tag_dir} has no {rank_state_name(self.rank)} for "
+                              f"rank {self.rank}: it was not written by an Ava run of this shape")
+        if data_changed:
+            log.warning("the loader starts the new data from its beginning")
         else:
-            log.warning("checkpoint %s was saved with world size %s, now %d: data position is "
-                        "approximate and RNG streams are re-seeded", tag_dir.name,
-                        client.get("world_size"), self.world_size)
-            state0 = torch.load(tag_dir / "ava_rank_00000.pt", map_location="cpu",
-                                weights_only=True)
-            self.loader.load_state_dict(state0["loader"], strict=False)
-            seed_everything(self.cfg.seed + self.rank + 7919 * self.state.step)
+            try:
+                self.loader.load_state_dict(rank_state["loader"])
+            except ValueError as exc:
+                raise ConfigError(f"checkpoint {tag_dir}: {exc}") from exc
+        restore_rng(rank_state["rng"])
         self.callbacks.load_state_dict(client.get("callbacks") or {})
         self.health.load_state_dict(client.get("health") or {})
         self._apply_schedule(client.get("schedule"))
         log.info("resuming from %s at step %d", tag_dir.name, self.state.step)
+
+    def _check_resumable(self, tag_dir: Path) -> bool:
+        """Refuse, before DeepSpeed loads anything, a checkpoint this run cannot continue
+        exactly: another world size (ZeRO partitions, loader shards and RNG streams are per rank)
+        or other data (the loader position would point into a different token stream)."""
+        manifest = read_manifest(tag_dir)
+        saved_world = manifest.get("world_size")
+        if saved_world is not None and int(saved_world) != self.world_size:
+            raise ConfigError(
+                f"checkpoint {tag_dir} was saved by {saved_world} rank(s) and this run has "
+                f"{self.world_size}: resuming needs the same world size (ZeRO shards, loader "
+                "positions and RNG streams are per rank). Relaunch with "
+                f"{saved_world} rank(s), or export the checkpoint with ava-export (any world "
+                "size) and start a new run directory")
+        saved_data = manifest.get("data_fingerprint")
+        if (saved_data is not None and saved_data != self.prepared.fingerprint
+                and not self.cfg.trainer.allow_data_change):
+            raise ConfigError(
+                f"checkpoint {tag_dir} was trained on data with fingerprint {saved_data}, but "
+                f"the configured data has fingerprint {self.prepared.fingerprint} (data.sources, "
+                "tokenizer or packing settings changed): the saved loader position would point "
+                "into other data. Restore the original data, or set "
+                "trainer.allow_data_change=true to continue on the new data anyway")
+        if saved_data is not None and saved_data != self.prepared.fingerprint:
+            log.warning("the data changed since checkpoint %s (fingerprint %s -> %s); "
+                        "continuing (trainer.allow_data_change=true)", tag_dir.name, saved_data,
+                        self.prepared.fingerprint)
+            return True
+        return False
 
     # ------------------------------------------------------------------ main
     def fit(self) -> FitResult:
@@ -196,8 +228,7 @@ class Trainer:
 
         start = time.perf_counter()
         cfg, t = self.cfg, self.cfg.trainer
-        self._validate()
-        ds_config, impl = engine_mod.plan(t, cfg.deepspeed, self.world_size)  # fails fast
+        ds_config, impl = preflight(cfg, self.world_size)  # fails fast
         self.micro = int(ds_config["train_micro_batch_size_per_gpu"])
         self.accum = int(ds_config["gradient_accumulation_steps"])
         if t.deterministic:
@@ -244,7 +275,8 @@ class Trainer:
         tokens_per_step = self.micro * self.accum * self.world_size * seq_len
         self.state = TrainState(max_steps=t.max_steps, rank=self.rank,
                                 world_size=self.world_size, run_dir=self.run_dir)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", t.keep_last,
+                                      verify_hashes=t.verify_checkpoints)
         self.first_val: Optional[float] = None
         self.last_val: Optional[float] = None
         self.last_saved = -1

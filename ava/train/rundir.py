@@ -21,12 +21,21 @@ from ava.train import distributed
 RUN_TIME_ENV = "AVA_RUN_TIME"  # ISO time, e.g. 2025-01-31T12:00:00
 
 
+LAUNCH_TIME_KEY = "ava/launch_time"
+
+
 def agree_on_launch_time() -> datetime:
-    """Rank 0's launch time on every rank (needs the process group when WORLD_SIZE > 1)."""
+    """Rank 0's launch time on every rank, exchanged through the launcher's key-value store
+    (no process group yet: the configuration has not been validated)."""
     if os.environ.get(RUN_TIME_ENV):
         return datetime.fromisoformat(os.environ[RUN_TIME_ENV])
-    now = datetime.now().replace(microsecond=0)
-    return datetime.fromisoformat(distributed.broadcast_object(now.isoformat()))
+    now = datetime.now().replace(microsecond=0).isoformat()
+    if distributed.is_multiprocess_launch():
+        store = distributed.launch_store()
+        if distributed.env_rank() == 0:
+            store.set(LAUNCH_TIME_KEY, now)
+        now = store.get(LAUNCH_TIME_KEY).decode()
+    return datetime.fromisoformat(now)
 
 
 def register_time_resolver(launch_time: datetime) -> None:
