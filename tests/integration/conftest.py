@@ -14,6 +14,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -85,14 +86,17 @@ class Run:
 class Trainer:
     """Builds the command line for one training run and runs it to completion."""
 
-    def __init__(self, corpus: Path, cache: Path) -> None:
+    def __init__(self, corpus: Path, cache: Path, conf_dir: Path) -> None:
         self.corpus = corpus
         self.cache = cache
+        self.conf_dir = conf_dir
 
     def base_overrides(self) -> List[str]:
+        # the corpus comes in through a data YAML on Hydra's search path, not a `{...}` override:
+        # Hydra 1.3's override parser misreads dict values under `python -O` (test_faults.py)
         return [
-            "experiment=smoke", "logger=none", "data.name=itest", "data.builtin=null",
-            f"data.sources=[{{path:'{self.corpus}'}}]", f"data.cache_dir='{self.cache}'",
+            "experiment=smoke", "logger=none", f"hydra.searchpath=[file://{self.conf_dir}]",
+            "data=itest", f"data.cache_dir='{self.cache}'",
             "data.seq_len=32", "data.val_fraction=0.05", "trainer.precision=fp32",
             "trainer.progress_bar=false", "trainer.log_every=1",
         ]
@@ -117,16 +121,36 @@ class Trainer:
                     str(nproc), "--master_port", str(free_port()), "-m", "ava.train", *args]
         raise ValueError(launcher)
 
+    @staticmethod
+    def free_port() -> int:
+        return free_port()
+
+    @staticmethod
+    def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int) -> None:
+        """Block until a running training has logged `steps` steps; fail if it ended before."""
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+                return
+            time.sleep(0.2)
+        output = proc.communicate()[0] if proc.poll() is not None else "(still running)"
+        pytest.fail(f"training did not reach step {steps}:\n{output[-6000:]}")
+
     def start(self, run_dir: Optional[Path], overrides: Sequence[str] = (), *, nproc: int = 2,
-              launcher: str = "deepspeed", cwd: Optional[Path] = None) -> subprocess.Popen:
+              launcher: str = "deepspeed", cwd: Optional[Path] = None,
+              extra_env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         extra = [f"hydra.run.dir='{run_dir}'"] if run_dir is not None else []
+        env = {**self.env(nproc), **(extra_env or {})}
         return subprocess.Popen(self.command([*extra, *overrides], nproc=nproc, launcher=launcher),
-                                cwd=cwd or REPO, env=self.env(nproc), stdout=subprocess.PIPE,
+                                cwd=cwd or REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
     def run(self, run_dir: Optional[Path], overrides: Sequence[str] = (), *, nproc: int = 2,
-            launcher: str = "deepspeed", cwd: Optional[Path] = None) -> Run:
-        proc = self.start(run_dir, overrides, nproc=nproc, launcher=launcher, cwd=cwd)
+            launcher: str = "deepspeed", cwd: Optional[Path] = None,
+            extra_env: Optional[Dict[str, str]] = None) -> Run:
+        proc = self.start(run_dir, overrides, nproc=nproc, launcher=launcher, cwd=cwd,
+                          extra_env=extra_env)
         try:
             output, _ = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -137,5 +161,16 @@ class Trainer:
 
 
 @pytest.fixture(scope="session")
-def trainer(corpus: Path, data_cache: Path) -> Trainer:
-    return Trainer(corpus, data_cache)
+def extra_conf(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config directory on Hydra's search path holding `data/itest.yaml` (the corpus)."""
+    root = tmp_path_factory.mktemp("conf")
+    (root / "data").mkdir()
+    (root / "data" / "itest.yaml").write_text(
+        "defaults:\n  - base_data\n  - _self_\n\nname: itest\n"
+        f"sources:\n  - path: '{corpus}'\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trainer(corpus: Path, data_cache: Path, extra_conf: Path) -> Trainer:
+    return Trainer(corpus, data_cache, extra_conf)

@@ -93,7 +93,7 @@ def test_torchrun_ranks_agree_on_one_run_dir(trainer, tmp_path):
     assert {p.name for p in tag.glob("ava_rank_*.pt")} == {"ava_rank_00000.pt",
                                                            "ava_rank_00001.pt"}
     assert (tag / "COMPLETE.json").is_file() and (run_dirs[0] / ".hydra").is_dir()
-    assert (run_dirs[0] / "wandb").is_dir() and (run_dirs[0] / "wandb_id.txt").is_file()
+    assert (run_dirs[0] / "wandb").is_dir() and (run_dirs[0] / "wandb_state.json").is_file()
 
 
 @pytest.mark.slow

@@ -153,4 +153,4 @@ def test_too_many_rollbacks_stop_with_a_diagnosis(trainer, tmp_path):
     assert "Traceback" not in run.output
     stop = [e for e in events(run_dir) if e["event"] == "stop"]
     assert len(stop) == 1 and "4 incidents" in stop[0]["text"]
-    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id.txt").exists()
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_state.json").exists()

@@ -113,3 +113,35 @@ def test_offline_wandb_run_and_jsonl_twin(trainer, tmp_path, monkeypatch):
     assert config["model"]["name"] == "<redacted>"  # resolved from the environment, then redacted
     assert config["trainer"]["health"]["lr_backoff"] == 0.5
     assert "exit" in kinds
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_its_offline_wandb_run_without_duplicate_steps(trainer, tmp_path,
+                                                                             monkeypatch):
+    """Attempt 1 logs steps 1-6 but checkpoints only step 4; attempt 2 resumes at 4, recomputes 5
+    and 6 (identical, resume is exact) without re-sending them, and logs 7-8 to the same run."""
+    api_key = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", api_key)  # WANDB_MODE=offline still wins
+    monkeypatch.setenv("AVA_TEST_HF_TOKEN", SECRET)
+    run_dir = tmp_path / "run"
+    common = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.save_every=4",
+              "trainer.save_at_end=false", "trainer.eval_every=0", "trainer.decay_steps=8",
+              "logger=wandb", "logger.project=ava-test", "logger.heatmap_every=0",
+              "model.name=${oc.env:AVA_TEST_HF_TOKEN}"]
+    trainer.run(run_dir, [*common, "trainer.max_steps=6"]).check()
+    resumed = trainer.run(run_dir, [*common, "trainer.max_steps=8"]).check()
+    run_id = json.loads((run_dir / "wandb_state.json").read_text())["id"]
+    assert f"W&B: continuing run {run_id} after step 6" in resumed.output
+    assert "2 record(s) of steps <= 6 were already logged by an earlier attempt" in resumed.output
+
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    steps_per_attempt = []
+    for path in files:
+        raw = path.read_bytes()
+        assert SECRET.encode() not in raw and api_key.encode() not in raw
+        records = wandb_records(path)
+        assert next(r.run for r in records if r.WhichOneof("record_type") == "run").run_id == run_id
+        steps_per_attempt.append([r.history.step.num for r in records
+                                  if r.WhichOneof("record_type") == "history"])
+    assert steps_per_attempt == [[1, 2, 3, 4, 5, 6], [7, 8]]

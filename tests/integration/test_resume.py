@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -49,6 +48,44 @@ def test_resume_is_exact(trainer, uninterrupted, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"parameter {name} differs after resume"
+    assert_same_training_state(uninterrupted.run_dir, run_dir, 2 * K)
+
+
+def _states(run_dir: Path, step: int) -> tuple:
+    tag = run_dir / "checkpoints" / f"step_{step:08d}"
+    # our own test artifacts (DeepSpeed pickles), not untrusted input
+    blob = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    ranks = [torch.load(tag / f"ava_rank_{r:05d}.pt", map_location="cpu", weights_only=True)
+             for r in (0, 1)]
+    return blob, ranks
+
+
+def _assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training_state(expected_dir: Path, resumed_dir: Path, step: int) -> None:
+    """Everything a resume restores equals the uninterrupted run's: step, tokens, LR schedule
+    position, health-monitor statistics and counters (skipped steps, incidents, LR multiplier),
+    callback state, and per rank the loader position and every RNG state."""
+    (blob_a, ranks_a), (blob_b, ranks_b) = _states(expected_dir, step), _states(resumed_dir, step)
+    for key in ("step", "tokens_seen", "world_size", "schedule", "data_fingerprint", "health",
+                "callbacks", "lr_scheduler"):
+        _assert_equal(blob_a[key], blob_b[key], key)
+    assert blob_a["health"]["attempts"] == step
+    for rank, (a, b) in enumerate(zip(ranks_a, ranks_b, strict=True)):
+        _assert_equal(a, b, f"rank{rank}")
 
 
 @pytest.mark.slow
@@ -85,13 +122,7 @@ def test_sigterm_saves_checkpoint_and_resume_continues(trainer, tmp_path):
     common = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.decay_steps=1000",
               "trainer.save_every=0", "trainer.eval_every=0"]
     proc = trainer.start(run_dir, [*common, "trainer.max_steps=100000"])
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0][-6000:]
+    trainer.wait_for_steps(proc, run_dir, 3)
     ranks = _rank_processes(proc.pid)
     assert len(ranks) == 2
     for rank in ranks:  # like SLURM preemption: every task gets SIGTERM
@@ -110,3 +141,83 @@ def test_sigterm_saves_checkpoint_and_resume_continues(trainer, tmp_path):
     assert f"resuming from step_{step:08d} at step {step}" in resumed.output
     losses = resumed.losses()
     assert max(losses) == step + 2 and step + 1 in losses
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    return dst
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_kill9_mid_save_restarts_from_last_complete_and_matches(trainer, uninterrupted, tmp_path):
+    """Rank 1 is SIGKILLed while saving step 2K (its shards written, no manifest yet): the run
+    dies, the half-written tag is never resumed, and the restart follows the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    killed = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={2 * K}",
+                                   "trainer.health.inject.kind=kill_during_save",
+                                   f"trainer.health.inject.steps=[{2 * K}]",
+                                   "trainer.health.inject.rank=1"])
+    assert killed.returncode != 0, killed.output[-4000:]
+    assert f"fault injection: SIGKILL to rank 1 while saving step {2 * K}" in killed.output
+    half = run_dir / "checkpoints" / f"step_{2 * K:08d}"
+    assert half.is_dir() and not (half / "COMPLETE.json").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{K:08d}"
+
+    resumed = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={2 * K}"]).check()
+    assert f"step_{2 * K:08d} (step {2 * K}) is incomplete" in resumed.output
+    assert f"resuming from step_{K:08d} at step {K}" in resumed.output
+    expected = {s: v for s, v in uninterrupted.losses().items() if s > K}
+    assert {s: v for s, v in resumed.losses().items() if s > K} == expected
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_is_skipped_and_none_left_is_a_clear_error(trainer, uninterrupted,
+                                                                        tmp_path):
+    # a flipped byte in the newest tag: skipped with a warning naming the file, previous one used
+    run_dir = _copy_run(uninterrupted.run_dir, tmp_path / "flipped")
+    newest = run_dir / "checkpoints" / f"step_{2 * K:08d}"
+    shard = sorted(newest.glob("*optim_states.pt"))[-1]
+    _flip_byte(shard)
+    run = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={2 * K}"]).check()
+    assert f"{shard}: sha256 differs from the manifest's" in run.output
+    assert f"resuming from step_{K:08d} at step {K}" in run.output
+    expected = {s: v for s, v in uninterrupted.losses().items() if s > K}
+    assert run.losses() == expected
+
+    # every complete tag damaged (one truncated, one flipped): refuse, naming both files
+    run_dir = _copy_run(uninterrupted.run_dir, tmp_path / "ruined")
+    older = run_dir / "checkpoints" / f"step_{K:08d}" / "mp_rank_00_model_states.pt"
+    older.write_bytes(older.read_bytes()[:-10])
+    newest = run_dir / "checkpoints" / f"step_{2 * K:08d}" / "ava_rank_00001.pt"
+    _flip_byte(newest)
+    run = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}"])
+    assert run.returncode == 2, run.output[-4000:]
+    assert "trainer.resume='auto': no intact checkpoint left in" in run.output
+    assert f"{newest}: sha256 differs from the manifest's" in run.output
+    assert f"{older}: " in run.output and "(truncated or overwritten)" in run.output
+    assert "Traceback" not in run.output
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing trained, nothing overwritten
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_world_size_or_other_data(trainer, uninterrupted, tmp_path):
+    run_dir = _copy_run(uninterrupted.run_dir, tmp_path / "run")
+    one_rank = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}"], nproc=1,
+                           launcher="python")
+    assert one_rank.returncode == 2, one_rank.output[-4000:]
+    assert (f"checkpoint {run_dir / 'checkpoints' / f'step_{2 * K:08d}'} was saved by 2 rank(s) "
+            "and this run has 1: resuming needs the same world size") in one_rank.output
+
+    other_data = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}",
+                                       "data.val_fraction=0.1"])
+    assert other_data.returncode == 2, other_data.output[-4000:]
+    assert "was trained on data with fingerprint" in other_data.output
+    assert "set trainer.allow_data_change=true" in other_data.output
+    for run in (one_rank, other_data):
+        assert "Traceback" not in run.output
