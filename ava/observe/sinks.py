@@ -245,12 +245,18 @@ class WandbSink:
             tags=list(tags) or None, config=config, dir=str(run_dir), id=run_id,
             resume="allow", mode=resolved,
             settings=wandb.Settings(silent=True, console="off", init_timeout=90))
+        run_files = getattr(self.run, "dir", None)
+        local = Path(run_files).parent if run_files else run_dir / "wandb"
+        if resolved == "online":
+            self.where = f"W&B run: {getattr(self.run, 'url', None) or run_id}"
+        elif resolved == "offline":
+            self.where = f"W&B run (offline): {local}; upload with `wandb sync {local}`"
+        else:
+            self.where = ""
         if note:
-            run_files = getattr(self.run, "dir", None)
-            log.warning("%s; sync later with `wandb sync %s`", note,
-                        Path(run_files).parent if run_files else run_dir / "wandb")
+            log.warning("%s; sync later with `wandb sync %s`", note, local)
         elif resolved == "online":
-            log.info("W&B: %s", getattr(self.run, "url", None) or "online")
+            log.info("%s", self.where)
         self._wandb = wandb
         self._id = run_id
         self._offset = int(state.get("offset", 0))

@@ -135,7 +135,8 @@ def main() -> None:
 
     argv = distributed.strip_local_rank(sys.argv)
     rundir.register_time_resolver(rundir.agree_on_launch_time())
-    sys.argv = [argv[0], *_open_dict_overrides(argv[1:]), *_rank_overrides(argv[1:])]
+    # the rank overrides go first: argparse takes no positional overrides after `--cfg job`
+    sys.argv = [argv[0], *_rank_overrides(argv[1:]), *_open_dict_overrides(argv[1:])]
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train)
     try:

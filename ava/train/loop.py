@@ -320,12 +320,24 @@ class Trainer:
             for sink in self.sinks:
                 sink.close()
         wall = time.perf_counter() - start
-        if (self.rank == 0 and not preempted and self.first_val is not None
-                and self.last_val is not None):
-            log.info("done: step %d, val loss %.4f -> %.4f, %.1fs", self.state.step,
-                     self.first_val, self.last_val, wall)
+        if self.rank == 0:
+            self._summary(preempted, wall)
         return FitResult(self.run_dir, self.state.step, self.state.tokens_seen, self.first_val,
                          self.last_val, preempted, wall)
+
+    def _summary(self, preempted: bool, wall: float) -> None:
+        """The run's last lines: how it ended and where everything is."""
+        if not preempted:
+            val = ""
+            if self.first_val is not None and self.last_val is not None:
+                val = f", val loss {self.first_val:.4f} -> {self.last_val:.4f}"
+            log.info("done: step %d%s, %.1fs", self.state.step, val, wall)
+        log.info("run directory: %s (checkpoints/, metrics.jsonl, events.jsonl, train.log); "
+                 "export it with `ava-export %s OUT_DIR`", self.run_dir, self.run_dir)
+        for sink in self.sinks:
+            where = getattr(sink, "where", None)
+            if where:
+                log.info("%s", where)
 
     def _record_eval(self, metrics: Optional[Dict[str, float]]) -> None:
         if metrics is None:

@@ -1,14 +1,13 @@
-"""Checkpoints and resume on 2 ranks (ZeRO-2, fp32, CPU): exact continuation, interrupted saves
-are never resumed, and SIGTERM saves a checkpoint that a later run continues from."""
+"""Checkpoints and resume on 2 ranks (ZeRO-2, fp32, CPU): exact continuation of losses, weights
+and every piece of training state; interrupted (kill -9) and corrupted saves are never resumed;
+another world size or other data is refused. (SIGTERM: test_faults.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -105,42 +104,6 @@ def test_incomplete_newest_checkpoint_is_not_resumed(trainer, uninterrupted, tmp
     assert run.losses() == expected
     marker = json.loads((newest / "COMPLETE.json").read_text())  # saved again, completely
     assert marker["step"] == 2 * K and marker["world_size"] == 2
-
-
-def _rank_processes(launcher_pid: int) -> list:
-    procs = []
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        cmd = child.cmdline()
-        if any(a.startswith("--local_rank") for a in cmd) and "ava.train" in cmd:
-            procs.append(child)
-    return procs
-
-
-@pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_resume_continues(trainer, tmp_path):
-    run_dir = tmp_path / "run"
-    common = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.decay_steps=1000",
-              "trainer.save_every=0", "trainer.eval_every=0"]
-    proc = trainer.start(run_dir, [*common, "trainer.max_steps=100000"])
-    trainer.wait_for_steps(proc, run_dir, 3)
-    ranks = _rank_processes(proc.pid)
-    assert len(ranks) == 2
-    for rank in ranks:  # like SLURM preemption: every task gets SIGTERM
-        rank.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, output[-6000:]
-    assert "SIGTERM received" in output
-    line = next(ln for ln in output.splitlines() if "stopped by signal at step" in ln)
-    step = int(line.split("stopped by signal at step")[1].split(";")[0])
-    tag = run_dir / "checkpoints" / f"step_{step:08d}"
-    assert (tag / "COMPLETE.json").is_file()
-    assert {p.name for p in tag.glob("ava_rank_*.pt")} == {"ava_rank_00000.pt",
-                                                           "ava_rank_00001.pt"}
-
-    resumed = trainer.run(run_dir, [*common, f"trainer.max_steps={step + 2}"]).check()
-    assert f"resuming from step_{step:08d} at step {step}" in resumed.output
-    losses = resumed.losses()
-    assert max(losses) == step + 2 and step + 1 in losses
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
