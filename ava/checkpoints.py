@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -50,21 +49,17 @@ def payload_files(tag_dir: Path) -> List[str]:
     return sorted(names)
 
 
-def file_digest(path: Path, *, fsync: bool = False) -> Dict[str, object]:
-    """{"size", "sha256"} of one file; `fsync` also flushes it to stable storage first (the
-    manifest must never be durable before the files it vouches for)."""
+def file_digest(path: Path) -> Dict[str, object]:
+    """{"size", "sha256"} of one file."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
-        if fsync:
-            os.fsync(f.fileno())
         for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
             sha.update(chunk)
     return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
-def digest_files(tag_dir: Path, names: Iterable[str], *, fsync: bool = False
-                 ) -> Dict[str, Dict[str, object]]:
-    return {name: file_digest(tag_dir / name, fsync=fsync) for name in names}
+def digest_files(tag_dir: Path, names: Iterable[str]) -> Dict[str, Dict[str, object]]:
+    return {name: file_digest(tag_dir / name) for name in names}
 
 
 def read_manifest(tag_dir: Path) -> Dict:
@@ -91,19 +86,25 @@ def verify(tag_dir: Path, *, hashes: bool = True) -> List[str]:
     files = manifest["files"]
     problems = []
     if isinstance(files, list):  # format 1: names only
-        return [f"{tag_dir / n}: missing" for n in files if not (tag_dir / n).is_file()]
+        return [f"{tag_dir / n}: missing" for n in files if not (tag_dir / n).exists()]
     for name, want in sorted(files.items()):
         path = tag_dir / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
+        if not isinstance(want, dict):
+            problems.append(f"{tag_dir / MARKER}: entry {name!r} is not a size/sha256 record")
             continue
-        size = path.stat().st_size
-        if size != want.get("size"):
-            problems.append(f"{path}: {size} bytes, the manifest says {want.get('size')} "
-                            "(truncated or overwritten)")
-        elif hashes and file_digest(path)["sha256"] != want.get("sha256"):
-            problems.append(f"{path}: sha256 differs from the manifest's (the file changed "
-                            "after it was saved)")
+        try:
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            size = path.stat().st_size
+            if size != want.get("size"):
+                problems.append(f"{path}: {size} bytes, the manifest says {want.get('size')} "
+                                "(truncated or overwritten)")
+            elif hashes and file_digest(path)["sha256"] != want.get("sha256"):
+                problems.append(f"{path}: sha256 differs from the manifest's (the file changed "
+                                "after it was saved)")
+        except OSError as exc:  # EIO from a bad block, EACCES: damage to report, not a crash
+            problems.append(f"{path}: unreadable ({exc.strerror or exc})")
     return problems
 
 

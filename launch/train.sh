@@ -24,25 +24,31 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
 fi
 
-# The ranks are the launcher's grandchildren (deepspeed -> deepspeed.launcher.launch -> ranks).
+# The ranks are the launcher's grandchildren (deepspeed -> deepspeed.launcher.launch -> ranks);
+# exits 1 when there are none yet (a SIGTERM during start-up is kept and sent once they exist).
 signal_ranks() {
   python - "$1" "$2" <<'PY'
 import signal, sys
 import psutil
 launcher, name = int(sys.argv[1]), sys.argv[2]
-for child in psutil.Process(launcher).children():
-    for rank in child.children():
-        rank.send_signal(getattr(signal, name))
+ranks = [r for child in psutil.Process(launcher).children() for r in child.children()]
+for rank in ranks:
+    rank.send_signal(getattr(signal, name))
+sys.exit(0 if ranks else 1)
 PY
 }
 
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank --module ava.train "$@" &
 LAUNCHER=$!
-trap 'signal_ranks "$LAUNCHER" SIGTERM || true' TERM
+PENDING=""
+trap 'PENDING=1' TERM
 trap ':' INT  # Ctrl-C reaches every process of the terminal's foreground group already
 set +e
-wait "$LAUNCHER"
-while kill -0 "$LAUNCHER" 2>/dev/null; do  # a trap interrupted `wait`: keep waiting
-  wait "$LAUNCHER"
+while kill -0 "$LAUNCHER" 2>/dev/null; do
+  if [[ -n "$PENDING" ]]; then
+    if signal_ranks "$LAUNCHER" SIGTERM 2>/dev/null; then PENDING=""; else sleep 1; fi
+  else
+    wait "$LAUNCHER"  # returns early when the trap fires
+  fi
 done
 wait "$LAUNCHER"  # the launcher's own exit status (bash keeps it after the process is gone)

@@ -233,12 +233,14 @@ class WandbSink:
 
     def __init__(self, run_dir: Path, *, project: str, entity: Optional[str], group: Optional[str],
                  name: Optional[str], tags: List[str], mode: Optional[str],
-                 config: Dict[str, Any]) -> None:
+                 config: Dict[str, Any], resumed: bool = True) -> None:
         import wandb
 
         resolved, note = wandb_mode(mode)
         self._state_path = run_dir / self.STATE_FILE
-        state = self._read_state(run_dir)
+        # a run that starts from step 0 (first launch, trainer.resume=never) is a new W&B run:
+        # its steps must not be mistaken for ones an earlier attempt already sent
+        state = self._read_state(run_dir) if resumed else {}
         run_id = str(state.get("id") or secrets.token_hex(4))
         self.run = wandb.init(
             project=project, entity=entity, group=group, name=name or run_dir.name,
@@ -289,8 +291,8 @@ class WandbSink:
         os.replace(tmp, self._state_path)
 
     def _step(self, step: int) -> int:
-        if step + self._offset < self._last:
-            self._offset = self._last - step
+        if step + self._offset < self._last:  # a rollback: continue after the last W&B step
+            self._offset = self._last - step + 1
         self._last = step + self._offset
         return self._last
 
@@ -350,6 +352,7 @@ def build_sinks(logger_cfg: Any, run_dir: Path, *, max_steps: int, log_every: in
                 progress_bar: bool, start_step: int, config: Dict[str, Any]) -> List[MetricsSink]:
     """The sinks `logger.*` asks for (call on rank 0 only). A W&B failure never stops training."""
     sinks: List[MetricsSink] = [ConsoleSink(max_steps, log_every, progress_bar, start_step)]
+    resumed = start_step > 0
     if logger_cfg.jsonl:
         sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
     if logger_cfg.backend == "wandb":
@@ -357,7 +360,8 @@ def build_sinks(logger_cfg: Any, run_dir: Path, *, max_steps: int, log_every: in
             sinks.append(WandbSink(run_dir, project=logger_cfg.project, entity=logger_cfg.entity,
                                    group=logger_cfg.group, name=logger_cfg.run_name,
                                    tags=list(logger_cfg.tags), mode=logger_cfg.mode,
-                                   config=redact(config, list(logger_cfg.redact_keys))))
+                                   config=redact(config, list(logger_cfg.redact_keys)),
+                                   resumed=resumed))
         except Exception as exc:  # network, auth, disk: report and train on
             log.warning("W&B disabled: %s: %s", type(exc).__name__, exc)
     return sinks

@@ -7,17 +7,20 @@ Layout of `<run_dir>/checkpoints/`:
         COMPLETE.json           the manifest (size + sha256 of every file), written last
     latest                      the newest complete tag (for DeepSpeed's own tools)
 
-A save: every rank writes its files; barrier; the file list is split across the ranks, each
-fsyncs and hashes its share; rank 0 gathers the digests and writes the manifest atomically (temp
-file, fsync, rename, directory fsync); then `latest`. DeepSpeed writes its own `latest` without a
-barrier or an atomic rename, so Ava passes `save_latest=False` and never trusts it. Resume
-(`trainer.resume=auto`) and rollback take the newest tag that has a manifest and matches it;
-incomplete and corrupt tags are skipped with a warning naming the file. Assumes a file system
-shared by all ranks (the usual cluster setup); rank 0 decides which tag and broadcasts it.
+A save: every rank writes its files and flushes them to stable storage (`syncfs`); barrier;
+the file list is split across the ranks, each hashes its share; rank 0 gathers the digests
+and writes the manifest atomically (temp file, fsync, rename, directory fsync); then `latest`.
+DeepSpeed writes its own `latest` without a barrier or an atomic rename, so Ava passes
+`save_latest=False` and never trusts it. Resume (`trainer.resume=auto`) and rollback take the
+newest tag that has a manifest and matches it; incomplete and corrupt tags are skipped with a
+warning naming the file. Assumes a file system shared by all ranks (the usual cluster setup);
+rank 0 decides which tag and broadcasts it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -65,6 +68,21 @@ def _atomic_write(path: Path, text: str) -> None:
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # some FUSE / object-store mounts cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: Path) -> None:
+    """`syncfs(2)` on the file system holding `path` (Linux): flushes this node's dirty pages
+    there, without `sync()`'s stall on every other file system of the node."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
     finally:
         os.close(fd)
 
@@ -138,9 +156,12 @@ class CheckpointManager:
         os.replace(tmp, path)
         if files_written is not None:
             files_written(step)
+        # flush this node's writes (its own shards) to stable storage: on a network file system
+        # only the writing node can, and the manifest must never outlive its files
+        sync_filesystem(tag_dir)
         distributed.barrier()  # every rank's files are on disk past this point
         names = distributed.broadcast_object(payload_files(tag_dir) if self.rank == 0 else None)
-        mine = digest_files(tag_dir, names[self.rank::self.world_size], fsync=True)
+        mine = digest_files(tag_dir, names[self.rank::self.world_size])
         digests = distributed.all_gather_object(mine)
         if self.rank == 0:
             files = {name: d for part in digests for name, d in part.items()}

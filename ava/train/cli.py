@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     from ava.data import DataError
     from ava.train.loop import Trainer, preflight
+    from ava.train.signals import StopRequest
 
     unknown = _unknown_keys(cfg)
     if unknown:
@@ -104,7 +105,10 @@ def train(cfg: DictConfig) -> Optional[float]:
     run_dir = rundir.agree_on_run_dir(HydraConfig.get().runtime.output_dir)
     resolved: Any = OmegaConf.to_container(cfg, resolve=True)
     try:
-        result = Trainer(typed, run_dir, resolved_config=resolved).fit()
+        # the handler is up before data preparation and stays up through the final save: a
+        # SIGTERM at any point stops the run at the next step boundary, with a checkpoint
+        with StopRequest() as stop:
+            result = Trainer(typed, run_dir, resolved_config=resolved, stop=stop).fit()
     except (ConfigError, DataError) as exc:
         _fail(str(exc))
     except RuntimeError as exc:
@@ -130,13 +134,32 @@ def _rank_overrides(argv: List[str]) -> List[str]:
     return extra
 
 
+def with_rank_overrides(args: List[str]) -> List[str]:
+    """`args` plus this rank's extra overrides, placed right after the user's overrides: Hydra's
+    parser takes the overrides as one contiguous list (`-m a=1,2`, `--cfg job x=1`, `x=1 --cfg
+    job` all stay valid). Unparseable args are left for Hydra to report."""
+    extra = _rank_overrides(args)
+    if not extra:
+        return list(args)
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        overrides = get_args_parser().parse_args(args).overrides
+    except SystemExit:
+        return [*args, *extra]
+    n = len(overrides)
+    for i in range(len(args) - n, -1, -1):
+        if n and args[i:i + n] == overrides:
+            return [*args[:i + n], *extra, *args[i + n:]]
+    return [*args, *extra]
+
+
 def main() -> None:
     import hydra
 
     argv = distributed.strip_local_rank(sys.argv)
     rundir.register_time_resolver(rundir.agree_on_launch_time())
-    # the rank overrides go first: argparse takes no positional overrides after `--cfg job`
-    sys.argv = [argv[0], *_rank_overrides(argv[1:]), *_open_dict_overrides(argv[1:])]
+    sys.argv = [argv[0], *with_rank_overrides(_open_dict_overrides(argv[1:]))]
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(train)
     try:

@@ -14,6 +14,7 @@ Expert, memory and timing metrics are added on log steps (`trainer.log_every`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from ava.train import engine as engine_mod
 from ava.train.checkpoint import CheckpointManager, capture_rng, rank_state_name, restore_rng
 from ava.train.health import ROLLBACK, STOP, FaultInjector, HealthMonitor, StepGuard, UnhealthyRun
 from ava.train.schedule import lr_at
+from ava.train.signals import StopRequest
 
 log = logging.getLogger("ava.train")
 
@@ -71,8 +73,8 @@ def preflight(cfg: AvaConfig, world_size: int) -> Tuple[Dict[str, Any], str]:
 
 class Trainer:
     def __init__(self, cfg: AvaConfig, run_dir: Path, *, resolved_config: Optional[Dict] = None,
-                 callbacks: Iterable[Callback] = (), sinks: Optional[List[MetricsSink]] = None
-                 ) -> None:
+                 callbacks: Iterable[Callback] = (), sinks: Optional[List[MetricsSink]] = None,
+                 stop: Optional[StopRequest] = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resolved_config = resolved_config or {}
@@ -82,6 +84,7 @@ class Trainer:
         self.world_size = distributed.world_size()
         self.sinks: List[MetricsSink] = []
         self._warned_no_val = False
+        self.stop = stop  # SIGTERM/SIGINT handler installed by the caller (covers setup too)
 
     # ------------------------------------------------------------------ setup
     def _log_to_sinks(self, metrics: Dict[str, float], step: int) -> None:
@@ -296,9 +299,8 @@ class Trainer:
         try:
             if t.eval_at_start and self.state.step == 0 and t.eval_every > 0:
                 self._record_eval(self._evaluate())
-            from ava.train.signals import StopRequest
-
-            with StopRequest() as stop:
+            with contextlib.ExitStack() as stack:  # the caller's handler, else our own
+                stop = self.stop or stack.enter_context(StopRequest())
                 while self.state.step < t.max_steps:
                     stop_all, rolled_back = self._train_step(throughput, stop.requested)
                     step = self.state.step

@@ -113,12 +113,13 @@ class Trainer:
         args = [*flags, *self.base_overrides(), *(a for a in overrides if a not in flags)]
         if launcher == "python":
             return [sys.executable, "-m", "ava.train", *args]
+        self.last_port = free_port()
         if launcher == "deepspeed":  # no --no_local_rank: the entry point must strip it
             return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-                    "--master_port", str(free_port()), "--module", "ava.train", *args]
+                    "--master_port", str(self.last_port), "--module", "ava.train", *args]
         if launcher == "torchrun":
             return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node",
-                    str(nproc), "--master_port", str(free_port()), "-m", "ava.train", *args]
+                    str(nproc), "--master_port", str(self.last_port), "-m", "ava.train", *args]
         raise ValueError(launcher)
 
     @staticmethod
@@ -169,6 +170,17 @@ def extra_conf(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "defaults:\n  - base_data\n  - _self_\n\nname: itest\n"
         f"sources:\n  - path: '{corpus}'\n")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shared_memory():
+    """Remove DeepSpeed CPU all-reduce segments that this session's runs left in /dev/shm (a rank
+    killed before it released its own): they live in RAM, ~69 MB each, until the machine reboots."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
