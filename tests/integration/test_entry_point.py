@@ -39,7 +39,8 @@ def test_bad_config_fails_fast_with_the_key_named(trainer, tmp_path, override, m
 def test_batch_size_mismatch_fails_before_start_naming_all_four(trainer, tmp_path):
     run = trainer.run(tmp_path / "run", ["trainer.global_batch_size=12",
                                          "trainer.micro_batch_size=4",
-                                         "trainer.grad_accum_steps=2"])
+                                         "trainer.grad_accum_steps=2"],
+                      launcher="deepspeed")  # torchrun prints its own traceback on a failed child
     assert_clean_failure(
         run, "batch size mismatch: train batch size 12 (trainer.global_batch_size) != micro "
              "batch size 4 (trainer.micro_batch_size) x gradient accumulation 2 "

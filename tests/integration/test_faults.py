@@ -59,7 +59,8 @@ def test_dead_rank_ends_every_process_quickly_and_the_last_checkpoint_loads(trai
     common = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.save_every=3",
               "trainer.eval_every=0", "trainer.decay_steps=100", "trainer.dist_timeout_s=30"]
     proc = trainer.start(run_dir, [*common, "trainer.max_steps=100", "trainer.health.inject.kind=exit",
-                                   "trainer.health.inject.steps=[5]", "trainer.health.inject.rank=1"])
+                                   "trainer.health.inject.steps=[5]", "trainer.health.inject.rank=1"],
+                         launcher="deepspeed")  # README: DeepSpeed's launcher stops the others
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

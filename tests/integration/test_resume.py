@@ -125,7 +125,7 @@ def test_kill9_mid_save_restarts_from_last_complete_and_matches(trainer, uninter
     killed = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={2 * K}",
                                    "trainer.health.inject.kind=kill_during_save",
                                    f"trainer.health.inject.steps=[{2 * K}]",
-                                   "trainer.health.inject.rank=1"])
+                                   "trainer.health.inject.rank=1"], launcher="deepspeed")
     assert killed.returncode != 0, killed.output[-4000:]
     assert f"fault injection: SIGKILL to rank 1 while saving step {2 * K}" in killed.output
     half = run_dir / "checkpoints" / f"step_{2 * K:08d}"
@@ -159,7 +159,7 @@ def test_corrupted_checkpoint_is_skipped_and_none_left_is_a_clear_error(trainer,
     older.write_bytes(older.read_bytes()[:-10])
     newest = run_dir / "checkpoints" / f"step_{2 * K:08d}" / "ava_rank_00001.pt"
     _flip_byte(newest)
-    run = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}"])
+    run = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}"], launcher="deepspeed")
     assert run.returncode == 2, run.output[-4000:]
     assert "trainer.resume='auto': no intact checkpoint left in" in run.output
     assert f"{newest}: sha256 differs from the manifest's" in run.output
@@ -178,7 +178,7 @@ def test_resume_refuses_another_world_size_or_other_data(trainer, uninterrupted,
             "and this run has 1: resuming needs the same world size") in one_rank.output
 
     other_data = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}",
-                                       "data.val_fraction=0.1"])
+                                       "data.val_fraction=0.1"], launcher="deepspeed")
     assert other_data.returncode == 2, other_data.output[-4000:]
     assert "was trained on data with fingerprint" in other_data.output
     assert "set trainer.allow_data_change=true" in other_data.output

@@ -38,7 +38,7 @@ def reference(trainer, tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_match_single_process(stage, trainer, reference, tmp_path):
     run = trainer.run(tmp_path / "run", [*SAME_GLOBAL_BATCH, f"deepspeed=zero{stage}",
-                                         "trainer.micro_batch_size=4"])
+                                         "trainer.micro_batch_size=4"], launcher="deepspeed")
     run.check()
     assert f"ZeRO stage {stage}" in run.output
     losses = run.losses()
