@@ -137,8 +137,3 @@ def newest_intact(ckpt_dir: Path, *, max_step: Optional[int] = None, hashes: boo
         log.warning("checkpoint %s (step %d) is %s: %s; skipping it", tag_dir, step, kind,
                     "; ".join(problems))
     return None, rejected
-
-
-def newest_complete(ckpt_dir: Path, *, hashes: bool = True) -> Optional[Path]:
-    """The newest intact tag; incomplete and corrupt newer ones are reported and skipped."""
-    return newest_intact(ckpt_dir, hashes=hashes)[0]

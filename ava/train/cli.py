@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> Optional[float]:
             _fail(str(exc).splitlines()[0])
         raise
     try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths
-        preflight(typed, distributed.env_world_size())
+        plan = preflight(typed, distributed.env_world_size())
     except ConfigError as exc:
         _fail(str(exc))
     distributed.init_distributed(typed.trainer.dist_timeout_s)
@@ -108,7 +108,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         # the handler is up before data preparation and stays up through the final save: a
         # SIGTERM at any point stops the run at the next step boundary, with a checkpoint
         with StopRequest() as stop:
-            result = Trainer(typed, run_dir, resolved_config=resolved, stop=stop).fit()
+            result = Trainer(typed, run_dir, resolved_config=resolved, stop=stop,
+                             plan=plan).fit()
     except (ConfigError, DataError) as exc:
         _fail(str(exc))
     except RuntimeError as exc:

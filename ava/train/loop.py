@@ -74,7 +74,8 @@ def preflight(cfg: AvaConfig, world_size: int) -> Tuple[Dict[str, Any], str]:
 class Trainer:
     def __init__(self, cfg: AvaConfig, run_dir: Path, *, resolved_config: Optional[Dict] = None,
                  callbacks: Iterable[Callback] = (), sinks: Optional[List[MetricsSink]] = None,
-                 stop: Optional[StopRequest] = None) -> None:
+                 stop: Optional[StopRequest] = None,
+                 plan: Optional[Tuple[Dict[str, Any], str]] = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resolved_config = resolved_config or {}
@@ -85,6 +86,7 @@ class Trainer:
         self.sinks: List[MetricsSink] = []
         self._warned_no_val = False
         self.stop = stop  # SIGTERM/SIGINT handler installed by the caller (covers setup too)
+        self.plan = plan  # `preflight`'s result when the caller already ran it
 
     # ------------------------------------------------------------------ setup
     def _log_to_sinks(self, metrics: Dict[str, float], step: int) -> None:
@@ -209,20 +211,19 @@ class Trainer:
                 f"{saved_world} rank(s), or export the checkpoint with ava-export (any world "
                 "size) and start a new run directory")
         saved_data = manifest.get("data_fingerprint")
-        if (saved_data is not None and saved_data != self.prepared.fingerprint
-                and not self.cfg.trainer.allow_data_change):
+        changed = saved_data is not None and saved_data != self.prepared.fingerprint
+        if changed and not self.cfg.trainer.allow_data_change:
             raise ConfigError(
                 f"checkpoint {tag_dir} was trained on data with fingerprint {saved_data}, but "
                 f"the configured data has fingerprint {self.prepared.fingerprint} (data.sources, "
                 "tokenizer or packing settings changed): the saved loader position would point "
                 "into other data. Restore the original data, or set "
                 "trainer.allow_data_change=true to continue on the new data anyway")
-        if saved_data is not None and saved_data != self.prepared.fingerprint:
+        if changed:
             log.warning("the data changed since checkpoint %s (fingerprint %s -> %s); "
                         "continuing (trainer.allow_data_change=true)", tag_dir.name, saved_data,
                         self.prepared.fingerprint)
-            return True
-        return False
+        return changed
 
     # ------------------------------------------------------------------ main
     def fit(self) -> FitResult:
@@ -231,7 +232,7 @@ class Trainer:
 
         start = time.perf_counter()
         cfg, t = self.cfg, self.cfg.trainer
-        ds_config, impl = preflight(cfg, self.world_size)  # fails fast
+        ds_config, impl = self.plan or preflight(cfg, self.world_size)  # fails fast
         self.micro = int(ds_config["train_micro_batch_size_per_gpu"])
         self.accum = int(ds_config["gradient_accumulation_steps"])
         if t.deterministic:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ava.checkpoints import newest_complete
+from ava.checkpoints import newest_intact
 from ava.config import ModelConfig
 from ava.export import export_checkpoint
 from ava.export.consolidate import consolidate
@@ -85,7 +85,7 @@ def test_mixtral_layout_loads_in_transformers(runs, tmp_path):
 @pytest.mark.slow
 def test_cli_exports_newest_complete_and_reports_errors(runs, tmp_path):
     ckpt = runs[0] / "checkpoints"
-    newest = newest_complete(ckpt)
+    newest, _ = newest_intact(ckpt)
     out = subprocess.run([sys.executable, "-m", "ava.export.cli", str(runs[0]), str(tmp_path / "m")],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(tmp_path / "m")

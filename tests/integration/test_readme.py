@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.M | re.S)
 SHORT = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "logger=none",
@@ -187,11 +187,11 @@ def as_run_here(command: str, how: How, work: Path) -> str:
         assert how.replace[0] in command
         command = command.replace(*how.replace)
     if command.startswith("NPROC=2 launch/train.sh"):
-        command = f"MASTER_PORT={_port()} {command.replace('launch/', f'{REPO}/launch/')}"
+        command = f"MASTER_PORT={free_port()} {command.replace('launch/', f'{REPO}/launch/')}"
     if "--master_port" not in command and command.startswith(("deepspeed", "torchrun")):
         flag = "--master_port" if command.startswith("deepspeed") else "--master-port"
         first, rest = command.split(" ", 1)
-        command = f"{first} {flag} {_port()} {rest}"
+        command = f"{first} {flag} {free_port()} {rest}"
     extra = list(how.extra)
     if command.startswith(("ava-train", "NPROC", "MASTER_PORT", "deepspeed", "torchrun")) \
             and "hydra.run.dir" not in command and "--cfg" not in extra and " -m " not in command:
@@ -199,14 +199,6 @@ def as_run_here(command: str, how: How, work: Path) -> str:
     if " -m model" in command:
         extra.append(f"hydra.sweep.dir={work}/multirun/readme")
     return " ".join([command, *map(shlex.quote, extra)])
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
