@@ -65,12 +65,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     expert_backend: str = "auto"
+    # `auto` on a CPU: the per-expert loop from this many routed rows per expert (T·k/E) up, the
+    # grouped matmul below it (`ava-bench moe`: the loop wins from ~512 rows, loses at 128)
+    loop_min_rows_per_expert: int = 256
 
     def __post_init__(self) -> None:
         if MISSING in (self.hidden_size, self.num_layers, self.num_heads, self.ffn_size):
             return  # an unfilled schema node inside Hydra; validated once values arrive
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
-                    "num_experts", "top_k", "max_seq_len", "sinkhorn_iters"):
+                    "num_experts", "top_k", "max_seq_len", "sinkhorn_iters", "loop_min_rows_per_expert"):
             value = getattr(self, key)
             _require(value > 0, f"model.{key}={value} must be a positive integer")
         _require(self.hidden_size % self.num_heads == 0,

@@ -21,7 +21,10 @@ AGREE_TOL = 1e-4  # max |difference| (relative to max |ava|) that counts as "sam
 # Peers compared with Ava (the "fastest peer" target); bounds are reference points, not peers.
 PEERS = ("naive", "hf", "hf_eager", "deepspeed")
 BOUNDS = ("dense", "roofline")
-IMPLS = ("ava", *BOUNDS, *PEERS)
+# Ava with each `model.expert_backend` forced (`ava` runs `auto`): what `auto` chose between;
+# neither peers nor bounds.
+VARIANTS = ("ava_loop", "ava_grouped")
+IMPLS = ("ava", *VARIANTS, *BOUNDS, *PEERS)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def build(name: str, w: peers.MoEWeights, pt: Point) -> tuple[Optional[nn.Module
     """The implementation, or None and the reason it cannot run at this point."""
     if name == "ava":
         return peers.ava_layer(w, pt.top_k), ""
+    if name in VARIANTS:
+        return peers.ava_layer(w, pt.top_k, backend="loop" if name == "ava_loop" else "grouped_mm"), ""
     if name == "dense":
         return peers.DenseMLP(w, pt.top_k), ""
     if name == "roofline":

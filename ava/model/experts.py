@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from ava.config import ModelConfig
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs this dtype/device/alignment (else use the segment loop).
+    """Whether `torch._grouped_mm` runs this dtype/device/alignment.
 
     CPU: fp32, or bf16 with 16-byte aligned rows. CUDA: bf16 on Hopper or newer.
     """
@@ -26,20 +27,25 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, backend: str) -> torch.Tensor:
+def resolve_backend(backend: str, x: torch.Tensor, w: torch.Tensor, rows_per_expert: float,
+                    loop_min_rows: int) -> str:
+    """`auto`: the grouped kernel on accelerators that run it (no host sync); on CPUs the
+    per-expert loop once experts get `loop_min_rows` rows on average (their rows then stay in
+    cache), the grouped kernel for fewer; the loop wherever the kernel cannot run."""
+    if backend != "auto":
+        return backend
+    if not grouped_mm_supported(x, w):
+        return "loop"
+    return "loop" if x.device.type == "cpu" and rows_per_expert >= loop_min_rows else "grouped_mm"
+
+
+def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of `x` sorted by expert, `counts[e]` of them for expert e, times that expert's matrix.
 
-    Rows past `counts.sum()` (dropped slots) are not computed: their output rows are unspecified
-    (the grouped kernel leaves them uninitialised; the segment loop writes zeros).
+    Rows past `counts.sum()` (dropped slots) are not computed: their output rows are unspecified.
     """
-    use_grouped = backend == "grouped_mm" or (backend == "auto" and grouped_mm_supported(x_NI, w_EIO))
-    if use_grouped:
-        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offsets)
-    sizes = counts_E.tolist()  # the reference/fallback path: one host sync
-    segments = x_NI.split([*sizes, x_NI.shape[0] - sum(sizes)])
-    outs = [seg @ w_EIO[e] for e, seg in enumerate(segments[:-1])]
-    return torch.cat([*outs, x_NI.new_zeros(segments[-1].shape[0], w_EIO.shape[-1])], dim=0)
+    offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    return torch._grouped_mm(x_NI.contiguous(), w_EIO, offs=offsets)
 
 
 class Experts(nn.Module):
@@ -49,6 +55,7 @@ class Experts(nn.Module):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
         self.num_experts, self.activation, self.backend = e, cfg.activation, cfg.expert_backend
+        self.loop_min_rows = cfg.loop_min_rows_per_expert
         if cfg.activation == "swiglu":
             self.w_gate = nn.Parameter(torch.empty(e, h, i))
             self.w_up = nn.Parameter(torch.empty(e, h, i))
@@ -59,17 +66,23 @@ class Experts(nn.Module):
             self.b1 = nn.Parameter(torch.zeros(e, i)) if cfg.bias else None
             self.b2 = nn.Parameter(torch.zeros(e, h)) if cfg.bias else None
 
+    def stacked(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The `[E, ...]` tensors in the order `expert_loop`'s forward for this activation takes them."""
+        if self.activation == "swiglu":
+            return self.w_gate, self.w_up, self.w_down
+        return self.w1, self.w2, self.b1, self.b2
+
     def forward(self, x_NH: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert; trailing rows
         with `expert_N == E` (dropped slots) are not computed and their outputs are unspecified."""
         if self.activation == "swiglu":
-            gate = grouped_matmul(x_NH, self.w_gate, counts_E, self.backend)
-            up = grouped_matmul(x_NH, self.w_up, counts_E, self.backend)
-            return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E, self.backend)
-        h = grouped_matmul(x_NH, self.w1, counts_E, self.backend)
+            gate = grouped_matmul(x_NH, self.w_gate, counts_E)
+            up = grouped_matmul(x_NH, self.w_up, counts_E)
+            return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E)
+        h = grouped_matmul(x_NH, self.w1, counts_E)
         if self.b1 is not None:
             h = h + _bias_rows(self.b1, expert_N)
-        y = grouped_matmul(F.gelu(h), self.w2, counts_E, self.backend)
+        y = grouped_matmul(F.gelu(h), self.w2, counts_E)
         if self.b2 is not None:
             y = y + _bias_rows(self.b2, expert_N)
         return y

@@ -9,7 +9,8 @@ from torch import nn
 
 from ava.config import ModelConfig
 from ava.model.capacity import Assignment, apply_capacity, capacity_for
-from ava.model.experts import DenseFFN, Experts
+from ava.model.expert_loop import expert_loop
+from ava.model.experts import DenseFFN, Experts, resolve_backend
 from ava.model.losses import entropy, gini, load_balancing_loss, routed_counts, router_z_loss
 from ava.model.router import Router, choose_experts
 
@@ -80,11 +81,12 @@ class _Combine(torch.autograd.Function):
 
 
 def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Experts) -> torch.Tensor:
-    """Sort the T·K (token, expert) slots by expert, run all experts in one grouped matmul, and
-    un-sort + weight + sum in one batched matmul.
+    """Sort the T·K (token, expert) slots by expert, run each expert on its rows, and weight +
+    sum them back per token (`model.expert_backend`: one grouped matmul per projection, or the
+    per-expert loop).
 
-    Shapes never depend on routing (no host sync): dropped slots sort after every kept slot (key E),
-    the grouped matmul's offsets stop before them, and their rows are masked out both ways.
+    Dropped slots sort after every kept slot (key E) and are never computed. The grouped path's
+    shapes never depend on routing (no host sync); its dropped rows are masked out both ways.
     """
     num_experts = experts.num_experts
     expert_A = assignment.expert_TK.reshape(-1)
@@ -96,9 +98,15 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
         key_A = torch.where(kept_A, expert_A, num_experts)
         weight_TK = weight_TK.masked_fill(~assignment.kept_TK, 0.0)
     order_S = torch.argsort(key_A, stable=True)
+    counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    top_k = weight_TK.shape[1]
+    backend = resolve_backend(experts.backend, x_TH, experts.stacked()[0],
+                              rows_per_expert=key_A.numel() / num_experts, loop_min_rows=experts.loop_min_rows)
+    if backend == "loop":
+        return expert_loop(x_TH, order_S // top_k, weight_TK.reshape(-1)[order_S], counts_E.tolist(),
+                           experts.activation, experts.stacked())
     pos_A = torch.empty_like(order_S)
     pos_A[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
     expert_S = key_A[order_S]  # E marks a dropped slot
     x_SH = _Dispatch.apply(x_TH, order_S, pos_A, kept_A)
     y_SH = experts(x_SH, expert_S, counts_E)

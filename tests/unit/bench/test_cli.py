@@ -41,7 +41,8 @@ def test_moe_quick_writes_json_and_prints_table_last(tmp_path):
     for row in data["points"]:
         assert set(row["point"]) == {"tokens", "experts", "top_k", "hidden", "ffn", "routing"}
         results = row["results"]
-        assert set(results) == {"ava", "dense", "roofline", "naive", "hf", "hf_eager", "deepspeed"}
+        assert set(results) == {"ava", "ava_loop", "ava_grouped", "dense", "roofline", "naive", "hf", "hf_eager",
+                                    "deepspeed"}
         for name, entry in results.items():
             assert entry["status"] == "ok" or entry["status"]  # a reason when it could not run
             if entry["status"] == "ok":

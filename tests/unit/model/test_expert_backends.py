@@ -1,0 +1,51 @@
+"""`model.expert_backend`: what `auto` picks, and the backends agree when experts get no rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ava.config import model_preset
+from ava.model.experts import resolve_backend
+from ava.model.moe import MoELayer
+
+
+def test_auto_picks_the_loop_on_cpu_only_for_enough_rows_per_expert():
+    x, w = torch.zeros(4, 64), torch.zeros(8, 64, 128)
+    assert resolve_backend("auto", x, w, rows_per_expert=256, loop_min_rows=256) == "loop"
+    assert resolve_backend("auto", x, w, rows_per_expert=255.5, loop_min_rows=256) == "grouped_mm"
+    # bf16 rows that are not 16-byte aligned cannot run the grouped kernel: the loop, whatever the size
+    xb, wb = x.bfloat16(), torch.zeros(8, 64, 100, dtype=torch.bfloat16)
+    assert resolve_backend("auto", xb, wb, rows_per_expert=1, loop_min_rows=256) == "loop"
+    assert resolve_backend("grouped_mm", x, w, rows_per_expert=1e6, loop_min_rows=256) == "grouped_mm"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backends_agree_and_idle_experts_get_zero_gradients(activation):
+    torch.manual_seed(0)
+    grads, outs = {}, {}
+    for backend in ("loop", "grouped_mm"):
+        torch.manual_seed(0)
+        cfg = model_preset("nano", activation=activation, bias=activation == "gelu", router_jitter=0.0,
+                           capacity_factor=None, expert_backend=backend)
+        layer = MoELayer(cfg).train()
+        with torch.no_grad():  # every token prefers experts 0 and 1: the others get no rows
+            for p in layer.parameters():
+                p.normal_(0.0, 0.2)
+            layer.router.gate.weight.zero_()
+            layer.router.gate.weight[0, 0] = layer.router.gate.weight[1, 0] = 5.0
+        x = torch.randn(32, cfg.hidden_size)
+        x[:, 0] = x[:, 0].abs() + 1.0
+        x.requires_grad_()
+        y, stats = layer(x)
+        y.square().sum().backward()
+        assert stats.tokens_per_expert[2:].sum() == 0
+        outs[backend] = (y.detach(), x.grad)
+        grads[backend] = {n: p.grad for n, p in layer.experts.named_parameters()}
+        for name, g in grads[backend].items():
+            assert torch.isfinite(g).all()
+            assert g[2:].abs().max() == 0, f"{backend}: idle experts' {name} gradient must be zero"
+            assert g[:2].abs().max() > 0
+    torch.testing.assert_close(outs["loop"], outs["grouped_mm"], atol=1e-5, rtol=1e-5)
+    for name in grads["loop"]:
+        torch.testing.assert_close(grads["loop"][name], grads["grouped_mm"][name], atol=1e-5, rtol=1e-5, msg=name)
