@@ -77,8 +77,7 @@ def ava_layer(w: MoEWeights, top_k: int, backend: str = "auto") -> nn.Module:
     layer = MoELayer(cfg)
     with torch.no_grad():
         layer.router.gate.weight.copy_(w.router_EH)
-        layer.experts.w_gate.copy_(w.gate_EHI)
-        layer.experts.w_up.copy_(w.up_EHI)
+        layer.experts.w_gate_up.copy_(torch.cat([w.gate_EHI, w.up_EHI], dim=2))
         layer.experts.w_down.copy_(w.down_EIH)
     return _FirstOutput(layer)
 

@@ -64,7 +64,7 @@ def load_ava_into_mixtral(ava: AvaForCausalLM, hf: nn.Module) -> None:
     for i in range(cfg.num_layers):
         ex = ava.layers[i].moe.experts
         prefix = f"model.layers.{i}.mlp.experts."
-        out[prefix + "gate_up_proj"] = torch.cat([ex.w_gate, ex.w_up], dim=2).transpose(1, 2).detach()
+        out[prefix + "gate_up_proj"] = ex.w_gate_up.transpose(1, 2).detach()
         out[prefix + "down_proj"] = ex.w_down.transpose(1, 2).detach()
     if cfg.tie_embeddings:
         out["lm_head.weight"] = state["embed_tokens.weight"]

@@ -15,7 +15,10 @@ from ava.config import ModelConfig
 
 LAYOUTS = ("ava", "mixtral")
 _MIXTRAL_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-_MIXTRAL_TO_AVA_EXPERT = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+# Mixtral's per-expert [out, in] matrices in Ava's stacked `[E, in, out]` tensors: w1 (gate) is the
+# first half of `w_gate_up`'s columns, w3 (up) the second half, w2 is `w_down`.
+_MIXTRAL_GATE_UP = ("w1", "w3")
+_MIXTRAL_DOWN = "w2"
 
 
 def mixtral_incompatibilities(cfg: ModelConfig) -> list[str]:
@@ -50,7 +53,8 @@ def resolve_layout(cfg: ModelConfig, layout: str) -> str:
 
 
 def ava_to_mixtral(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename Ava tensors to Mixtral names; stacked experts `[E, H, I]` become per-expert `[I, H]`."""
+    """Rename Ava tensors to Mixtral names; stacked experts (`w_gate_up [E, H, 2I]` split into gate
+    and up, `w_down [E, I, H]`) become per-expert `[out, in]` matrices."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if name.startswith("layers."):
@@ -58,9 +62,15 @@ def ava_to_mixtral(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
             prefix = f"model.layers.{idx}."
             if rest.startswith("moe.experts."):
                 ava_name = rest.rsplit(".", 1)[1]
-                w = {v: k for k, v in _MIXTRAL_TO_AVA_EXPERT.items()}[ava_name]
-                for e in range(cfg.num_experts):
-                    out[f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"] = t[e].t().contiguous()
+                if ava_name == "w_gate_up":
+                    parts = dict(zip(_MIXTRAL_GATE_UP, t.chunk(2, dim=-1), strict=True))
+                elif ava_name == "w_down":
+                    parts = {_MIXTRAL_DOWN: t}
+                else:
+                    raise KeyError(f"{name}: Mixtral has no expert tensor for {ava_name!r}")
+                for w, stacked in parts.items():
+                    for e in range(cfg.num_experts):
+                        out[f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"] = stacked[e].t().contiguous()
                 continue
             rest = (rest.replace("attn_norm.", "input_layernorm.")
                     .replace("moe_norm.", "post_attention_layernorm.")
@@ -75,14 +85,15 @@ def ava_to_mixtral(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 
 
 def mixtral_to_ava(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of `ava_to_mixtral`: restack per-expert matrices into `[E, H, I]` / `[E, I, H]`."""
+    """Inverse of `ava_to_mixtral`: restack per-expert matrices into `w_gate_up [E, H, 2I]` (w1's
+    columns, then w3's) and `w_down [E, I, H]`."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
         m = _MIXTRAL_EXPERT.fullmatch(name)
         if m:
             layer, e, w = m.groups()
-            experts.setdefault((layer, _MIXTRAL_TO_AVA_EXPERT[w]), {})[int(e)] = t
+            experts.setdefault((layer, w), {})[int(e)] = t
             continue
         if name == "lm_head.weight":
             out[name] = t
@@ -93,14 +104,21 @@ def mixtral_to_ava(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 .replace("self_attn.", "attn.")
                 .replace("block_sparse_moe.gate.", "moe.router.gate."))
         out[name] = t
-    for (layer, ava_name), per_expert in experts.items():
-        missing = sorted(set(range(cfg.num_experts)) - set(per_expert))
-        if missing:
-            raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({ava_name})")
-        out[f"layers.{layer}.moe.experts.{ava_name}"] = torch.stack(
-            [per_expert[e].t() for e in range(cfg.num_experts)]
-        ).contiguous()
+    for layer in sorted({layer for layer, _ in experts}, key=int):
+        stacked = {w: _restack(experts.get((layer, w), {}), layer, w, cfg.num_experts)
+                   for w in (*_MIXTRAL_GATE_UP, _MIXTRAL_DOWN)}
+        out[f"layers.{layer}.moe.experts.w_gate_up"] = torch.cat(
+            [stacked[w] for w in _MIXTRAL_GATE_UP], dim=-1).contiguous()
+        out[f"layers.{layer}.moe.experts.w_down"] = stacked[_MIXTRAL_DOWN]
     return out
+
+
+def _restack(per_expert: dict[int, torch.Tensor], layer: str, w: str, num_experts: int) -> torch.Tensor:
+    """Mixtral's `[out, in]` matrices of one layer and projection as Ava's `[E, in, out]`."""
+    missing = sorted(set(range(num_experts)) - set(per_expert))
+    if missing:
+        raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({w})")
+    return torch.stack([per_expert[e].t() for e in range(num_experts)]).contiguous()
 
 
 def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pad_id: int) -> dict[str, Any]:

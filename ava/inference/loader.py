@@ -23,7 +23,7 @@ from ava.model.rope import RotaryEmbedding
 
 log = logging.getLogger("ava.inference")
 QUANTIZABLE = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight",
-               "experts.w1", "experts.w2", "experts.w_gate", "experts.w_up", "experts.w_down")
+               "experts.w1", "experts.w2", "experts.w_gate_up", "experts.w_down")
 
 
 @dataclass

@@ -53,8 +53,10 @@ def quantize_model_int8(model: AvaForCausalLM) -> tuple[int, int]:
             b, a = _quantize_param(getattr(layer.attn, proj), "weight", in_dim=1)  # Linear: [out, in]
             before, after = before + b, after + a
         experts = layer.moe.experts
-        for name in ("w1", "w_gate", "w_up", "w2", "w_down"):
+        for name in ("w1", "w_gate_up", "w2", "w_down"):
             if hasattr(experts, name):
-                b, a = _quantize_param(experts, name, in_dim=1)  # stacked [E, in, out]
+                # stacked [E, in, out]: a scale per output column, so the fused gate and up halves
+                # of `w_gate_up` get the same scales as separate matrices would
+                b, a = _quantize_param(experts, name, in_dim=1)
                 before, after = before + b, after + a
     return before, after

@@ -18,24 +18,30 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def swiglu_forward(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """`(silu(x Wg) ⊙ x Wu) Wd`; returns the output and what the backward needs (gate, up)."""
-    gate, up = x @ w_gate, x @ w_up
+def swiglu_forward(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`(silu(x Wg) ⊙ x Wu) Wd` with `w_gate_up = [Wg | Wu]` (one GEMM for both); returns the
+    output and what the backward needs (gate, up: views of the one `[n, 2I]` product)."""
+    gate, up = (x @ w_gate_up).chunk(2, dim=-1)
     return (F.silu(gate) * up) @ w_down, (gate, up)
 
 
-def swiglu_backward(grad_y: Tensor, x: Tensor, saved: tuple[Tensor, ...], w_gate: Tensor, w_up: Tensor,
+def swiglu_backward(grad_y: Tensor, x: Tensor, saved: tuple[Tensor, ...], w_gate_up: Tensor,
                     w_down: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Gradients of `swiglu_forward`: `(grad_x, [grad_w_gate, grad_w_up, grad_w_down])`."""
+    """Gradients of `swiglu_forward`: `(grad_x, [grad_w_gate_up, grad_w_down])`.
+
+    The gate and up gradients are written side by side into one `[n, 2I]` buffer, so `x`'s and
+    `w_gate_up`'s gradients are one GEMM each against the fused weight.
+    """
     gate, up = saved
     sig = torch.sigmoid(gate)
     silu = gate * sig
     grad_w_down = (silu * up).t() @ grad_y
     grad_act = grad_y @ w_down.t()
-    grad_up = grad_act * silu
-    grad_gate = grad_act * up * (sig * (1.0 + gate * (1.0 - sig)))
-    grad_x = torch.addmm(grad_gate @ w_gate.t(), grad_up, w_up.t())
-    return grad_x, [x.t() @ grad_gate, x.t() @ grad_up, grad_w_down]
+    grad_gate_up = grad_act.new_empty(grad_act.shape[0], 2 * grad_act.shape[1])
+    grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+    torch.mul(grad_act * up, sig * (1.0 + gate * (1.0 - sig)), out=grad_gate)
+    torch.mul(grad_act, silu, out=grad_up)
+    return grad_gate_up @ w_gate_up.t(), [x.t() @ grad_gate_up, grad_w_down]
 
 
 def gelu_forward(x: Tensor, w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor]

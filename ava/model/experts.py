@@ -49,7 +49,12 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tens
 
 
 class Experts(nn.Module):
-    """E expert FFNs: `gelu` (w1 [E,H,I], b1 [E,I], w2 [E,I,H], b2 [E,H]) or `swiglu` (no biases)."""
+    """E expert FFNs: `gelu` (w1 [E,H,I], b1 [E,I], w2 [E,I,H], b2 [E,H]) or `swiglu` (no biases).
+
+    SwiGLU stores gate and up fused, `w_gate_up [E,H,2I]` (the first I columns the gate, the last
+    I the up projection), and `w_down [E,I,H]`: one GEMM computes both, and it is the layout
+    DeepSpeed's AutoEP takes as a fused gate+up expert tensor ("hidden_first").
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -57,8 +62,7 @@ class Experts(nn.Module):
         self.num_experts, self.activation, self.backend = e, cfg.activation, cfg.expert_backend
         self.loop_min_rows = cfg.loop_min_rows_per_expert
         if cfg.activation == "swiglu":
-            self.w_gate = nn.Parameter(torch.empty(e, h, i))
-            self.w_up = nn.Parameter(torch.empty(e, h, i))
+            self.w_gate_up = nn.Parameter(torch.empty(e, h, 2 * i))
             self.w_down = nn.Parameter(torch.empty(e, i, h))
         else:
             self.w1 = nn.Parameter(torch.empty(e, h, i))
@@ -69,15 +73,14 @@ class Experts(nn.Module):
     def stacked(self) -> tuple[Optional[torch.Tensor], ...]:
         """The `[E, ...]` tensors in the order `expert_loop`'s forward for this activation takes them."""
         if self.activation == "swiglu":
-            return self.w_gate, self.w_up, self.w_down
+            return self.w_gate_up, self.w_down
         return self.w1, self.w2, self.b1, self.b2
 
     def forward(self, x_NH: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert; trailing rows
         with `expert_N == E` (dropped slots) are not computed and their outputs are unspecified."""
         if self.activation == "swiglu":
-            gate = grouped_matmul(x_NH, self.w_gate, counts_E)
-            up = grouped_matmul(x_NH, self.w_up, counts_E)
+            gate, up = grouped_matmul(x_NH, self.w_gate_up, counts_E).chunk(2, dim=-1)
             return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E)
         h = grouped_matmul(x_NH, self.w1, counts_E)
         if self.b1 is not None:

@@ -56,7 +56,8 @@ def reference_assignment(probs: torch.Tensor, top_k: int, capacity, overflow: st
 def expert_ffn(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
     ex = layer.experts
     if ex.activation == "swiglu":
-        return (F.silu(x @ ex.w_gate[e]) * (x @ ex.w_up[e])) @ ex.w_down[e]
+        i = ex.w_down.shape[1]
+        return (F.silu(x @ ex.w_gate_up[e, :, :i]) * (x @ ex.w_gate_up[e, :, i:])) @ ex.w_down[e]
     return F.gelu(x @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
 
 
