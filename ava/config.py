@@ -322,12 +322,13 @@ class TrainerConfig:
     allow_data_change: bool = False  # resume even if the data fingerprint differs from the saved one
     dist_timeout_s: int = 1800  # process-group timeout: a lost rank ends the run within this
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    expert_parallel_size: int = 1  # ranks that share one copy of each layer's experts (DeepSpeed AutoEP)
     health: HealthConfig = field(default_factory=HealthConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches",
-                    "log_every", "keep_last", "dist_timeout_s"):
+                    "log_every", "keep_last", "dist_timeout_s", "expert_parallel_size"):
             value = getattr(self, key)
             _require(value > 0, f"trainer.{key}={value} must be a positive integer")
         for key in ("warmup_steps", "eval_every", "save_every"):

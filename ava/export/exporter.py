@@ -53,7 +53,9 @@ def parse_size(text: str) -> int:
 
 def _client_state(tag_dir: Path) -> dict[str, Any]:
     """Ava's client state rides in DeepSpeed's rank-0 model-states pickle (trusted, as for resume)."""
-    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    # mp_rank_00_model_states.pt (ZeRO 0-2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3);
+    # not AutoEP's per-expert layer_L_expert_e_mp_rank_00_model_states.pt
+    files = sorted(f for f in tag_dir.glob("*mp_rank_00_model_states.pt") if not f.name.startswith("layer_"))
     if not files:
         raise ExportError(f"{tag_dir} has no DeepSpeed model-states file; is it a checkpoint directory?")
     blob = torch.load(files[0], map_location="cpu", weights_only=False)

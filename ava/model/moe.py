@@ -31,6 +31,32 @@ class RouterStats:
     entropy: torch.Tensor
 
 
+def router_stats(logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_TK: torch.Tensor,
+                 dropped_fraction: torch.Tensor, num_experts: int) -> RouterStats:
+    """The stats (and the aux/z losses, which keep their graph) of one routing decision."""
+    counts_E = routed_counts(expert_TK, num_experts)
+    return RouterStats(
+        tokens_per_expert=counts_E,
+        dropped_fraction=dropped_fraction.detach(),
+        aux_loss=load_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK),
+        z_loss=router_z_loss(logits_TE=logits_TE),
+        gini=gini(counts_E),
+        entropy=entropy(counts_E),
+    )
+
+
+def expert_parallel_stats(layer: nn.Module, x_BLH: torch.Tensor) -> RouterStats:
+    """Stats and losses for a layer that DeepSpeed's AutoEP put in place of a `MoELayer`
+    (`trainer.expert_parallel_size` > 1): it returns its output alone, so its gate is applied
+    again here (a `[T, E]` product) with the softmax → top-k it routes by. Ava allows AutoEP
+    only for dropless, jitter-free top-k routing, so these equal the replaced layer's."""
+    x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
+    logits_TE = layer.router.gate(x_TH)
+    probs_TE, expert_TK, _ = choose_experts(logits_TE, top_k=layer.top_k, routing="topk", sinkhorn_iters=0,
+                                            training=layer.training)
+    return router_stats(logits_TE, probs_TE, expert_TK, logits_TE.new_zeros(()), layer.num_experts)
+
+
 class _Dispatch(torch.autograd.Function):
     """`x_SH = x_TH[token of sorted slot S]`; the backward sums each token's K slot gradients by a
     gather and a reshape-sum (parallel and deterministic, no scatter-add)."""
@@ -100,7 +126,8 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     order_S = torch.argsort(key_A, stable=True)
     counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
     top_k = weight_TK.shape[1]
-    backend = resolve_backend(experts.backend, x_TH, experts.stacked()[0],
+    # w_down or w2 `[E, I, H]`: both I and H are checked for alignment
+    backend = resolve_backend(experts.backend, x_TH, experts.stacked()[1],
                               rows_per_expert=key_A.numel() / num_experts, loop_min_rows=experts.loop_min_rows)
     if backend == "loop":
         return expert_loop(x_TH, order_S // top_k, weight_TK.reshape(-1)[order_S], counts_E.tolist(),
@@ -131,15 +158,7 @@ class MoELayer(nn.Module):
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         capacity = capacity_for(x_TH.shape[0], cfg.num_experts, factor)
         assignment = apply_capacity(expert_TK, weight_TK, probs_TE, capacity, cfg.overflow)
-        counts_E = routed_counts(expert_TK, cfg.num_experts)
-        stats = RouterStats(
-            tokens_per_expert=counts_E,
-            dropped_fraction=assignment.dropped_fraction.detach(),
-            aux_loss=load_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK),
-            z_loss=router_z_loss(logits_TE=logits_TE),
-            gini=gini(counts_E),
-            entropy=entropy(counts_E),
-        )
+        stats = router_stats(logits_TE, probs_TE, expert_TK, assignment.dropped_fraction, cfg.num_experts)
         return assignment, stats
 
     def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:

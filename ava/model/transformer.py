@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ava.config import ModelConfig
 from ava.model.attention import CausalSelfAttention, KVCache
 from ava.model.experts import depth_scaled_std, init_experts
-from ava.model.moe import MoELayer, RouterStats
+from ava.model.moe import MoELayer, RouterStats, expert_parallel_stats
 from ava.model.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -48,7 +48,11 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, RouterStats, KVCache]:
         a, kv = self.attn(self.attn_norm(x), cos, sin, key_valid, past_kv)
         x = x + a
-        m, stats = self.moe(self.moe_norm(x))
+        h = self.moe_norm(x)
+        out = self.moe(h)
+        if isinstance(out, torch.Tensor):  # DeepSpeed AutoEP's layer replaced the MoELayer
+            return x + out, expert_parallel_stats(self.moe, h), kv
+        m, stats = out
         return x + m, stats, kv
 
 

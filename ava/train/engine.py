@@ -20,9 +20,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from ava.config import ConfigError, DeepSpeedConfig, TrainerConfig
+from ava.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainerConfig
 from ava.train import distributed
-from ava.train.ds_config import build_ds_config, deep_merge, load_preset, offloads_optimizer
+from ava.train.ds_config import build_ds_config, deep_merge, load_preset, offloads_optimizer, zero_stage
+from ava.train.expert_parallel import autoep_section, check_expert_parallel, describe_local_experts
 from ava.train.schedule import warmup_cosine_scheduler
 
 log = logging.getLogger("ava.train")
@@ -30,14 +31,15 @@ log = logging.getLogger("ava.train")
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Two AdamW groups: decay for matrices (incl. 3-D stacked experts), none for norms,
-    biases (ndim < 2) and embeddings (name contains "embed")."""
+    biases (ndim < 2) and embeddings (name contains "embed"). Named, because DeepSpeed splits
+    expert-parallel parameters out of each group by name."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "embed" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 
@@ -73,13 +75,26 @@ def check_precision(precision: str) -> None:
                     "matmuls run ~100x slower than fp32 here; consider trainer.precision=fp32")
 
 
-def plan(trainer: TrainerConfig, ds: DeepSpeedConfig, world_size: int) -> Tuple[Dict[str, Any], str]:
+def plan(trainer: TrainerConfig, ds: DeepSpeedConfig, model: ModelConfig,
+         world_size: int) -> Tuple[Dict[str, Any], str]:
     """(DeepSpeed config, optimizer impl), validated before any model or data exists."""
     check_precision(trainer.precision)
     impl = resolve_optimizer_impl(trainer, ds)
     config = build_ds_config(trainer, ds, world_size=world_size,
                              use_ds_optimizer=impl == "deepspeed")
+    ep = trainer.expert_parallel_size
+    check_expert_parallel(model, ep, world_size, zero_stage(config))
+    if ep > 1:
+        config["expert_parallel"] = autoep_section(model, ep)
     return config, impl
+
+
+def _torch_adamw(groups: List[Dict[str, Any]], **hparams: Any) -> torch.optim.Optimizer:
+    """`torch.optim.AdamW` over `groups`, expert-parallel parameters in their own groups (what
+    DeepSpeed's ZeRO needs to reduce them over the expert-data-parallel group; a no-op without)."""
+    from deepspeed.moe.utils import configure_moe_param_groups
+
+    return torch.optim.AdamW(configure_moe_param_groups(list(groups)), **hparams)
 
 
 def build_engine(model: nn.Module, trainer: TrainerConfig, ds_config: Dict[str, Any],
@@ -92,13 +107,15 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, ds_config: Dict[str, 
     scheduler = functools.partial(warmup_cosine_scheduler, lr=trainer.lr, min_lr=trainer.min_lr,
                                   warmup_steps=trainer.warmup_steps, decay_steps=decay_steps)
     kwargs: Dict[str, Any] = {"model": model, "config": ds_config, "lr_scheduler": scheduler}
+    kwargs["model_parameters"] = groups
     if impl == "torch":
-        kwargs["optimizer"] = torch.optim.AdamW(
-            groups, lr=trainer.lr, betas=(trainer.adam_beta1, trainer.adam_beta2),
+        # a callable: DeepSpeed calls it after AutoEP swapped in its expert parameters
+        kwargs["optimizer"] = functools.partial(
+            _torch_adamw, lr=trainer.lr, betas=(trainer.adam_beta1, trainer.adam_beta2),
             eps=trainer.adam_eps, weight_decay=trainer.weight_decay)
-    else:
-        kwargs["model_parameters"] = groups
     engine, optimizer, _, _ = deepspeed.initialize(**kwargs)
+    if trainer.expert_parallel_size > 1:
+        log.info(describe_local_experts(engine.module, trainer.expert_parallel_size))
     log.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s (%s)",
              engine.zero_optimization_stage(), trainer.precision, type(optimizer).__name__, impl)
     return engine

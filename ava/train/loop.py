@@ -68,7 +68,7 @@ def preflight(cfg: AvaConfig, world_size: int) -> Tuple[Dict[str, Any], str]:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds "
                           f"model.max_seq_len={cfg.model.max_seq_len}")
-    return engine_mod.plan(cfg.trainer, cfg.deepspeed, world_size)
+    return engine_mod.plan(cfg.trainer, cfg.deepspeed, cfg.model, world_size)
 
 
 class Trainer:
@@ -163,7 +163,8 @@ class Trainer:
                                  {"rng": capture_rng(), "loader": self.loader.state_dict(),
                                   "step": self.state.step},
                                  files_written=self.injector.during_save,
-                                 meta={"data_fingerprint": self.prepared.fingerprint})
+                                 meta={"data_fingerprint": self.prepared.fingerprint,
+                                       "expert_parallel_size": self.cfg.trainer.expert_parallel_size})
         self.last_saved = self.state.step
         self.callbacks.post_checkpoint_saved(self.state, tag_dir)
 
@@ -199,8 +200,8 @@ class Trainer:
 
     def _check_resumable(self, tag_dir: Path) -> bool:
         """Refuse, before DeepSpeed loads anything, a checkpoint this run cannot continue
-        exactly: another world size (ZeRO partitions, loader shards and RNG streams are per rank)
-        or other data (the loader position would point into a different token stream)."""
+        exactly: another world size (ZeRO partitions, loader shards and RNG streams are per rank),
+        another expert-parallel split, or other data (the loader position would point into a different token stream)."""
         manifest = read_manifest(tag_dir)
         saved_world = manifest.get("world_size")
         if saved_world is not None and int(saved_world) != self.world_size:
@@ -210,6 +211,13 @@ class Trainer:
                 "positions and RNG streams are per rank). Relaunch with "
                 f"{saved_world} rank(s), or export the checkpoint with ava-export (any world "
                 "size) and start a new run directory")
+        saved_ep, ep = int(manifest.get("expert_parallel_size", 1)), self.cfg.trainer.expert_parallel_size
+        if saved_ep != ep:
+            raise ConfigError(
+                f"checkpoint {tag_dir} was saved with trainer.expert_parallel_size={saved_ep} and this run "
+                f"has {ep}: each rank's experts and optimizer shards follow that split. Relaunch with "
+                f"trainer.expert_parallel_size={saved_ep}, or export the checkpoint with ava-export and "
+                "start a new run directory")
         saved_data = manifest.get("data_fingerprint")
         changed = saved_data is not None and saved_data != self.prepared.fingerprint
         if changed and not self.cfg.trainer.allow_data_change:

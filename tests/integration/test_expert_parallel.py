@@ -1,0 +1,115 @@
+"""Expert parallelism (DeepSpeed AutoEP) on 2 CPU ranks: ep=2 against ep=1 with the same global
+batch, exact resume, refusal to resume under another split, export, and a rank whose experts get
+no tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO, TIMEOUT_S, free_port
+
+# AutoEP routes dropless top-k without jitter: the model must be that function at ep=1 as well
+EP_MODEL = ["model.activation=swiglu", "model.bias=false", "model.router_jitter=0", "model.capacity_factor=null"]
+RUN = [*EP_MODEL, "deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=6",
+       "trainer.save_every=3", "trainer.eval_every=3", "trainer.warmup_steps=1"]
+
+# ep=2 computes the same sums in another order (tokens exchanged by all-to-all, experts run on
+# their own rank); both runs use the same per-rank batches, so even the load-balancing loss (a
+# product of per-batch means) is the same function. Measured: the losses agree to ~1e-8
+# relative over 6 steps; a real bug (a lost expert gradient, a wrong expert split) moves them by
+# 1e-3 or more.
+LOSS_RTOL = 1e-6
+# Exported weights after 6 AdamW steps at lr 3e-3: AdamW divides by sqrt(v), so a ~1e-8 gradient
+# difference in a coordinate whose gradient is ~0 moves it by up to lr per step. Measured: <= 5e-5
+# of each tensor's largest value; a layout bug (a transpose, gate and up swapped, experts out of
+# order) is of the order of the weights themselves.
+EXPORT_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def runs(trainer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("expert_parallel")
+    return {ep: trainer.run(root / f"ep{ep}", [*RUN, f"trainer.expert_parallel_size={ep}"]).check()
+            for ep in (1, 2)}
+
+
+@pytest.mark.slow
+def test_ep2_matches_ep1_and_each_rank_holds_only_its_experts(runs):
+    ep1, ep2 = runs[1].losses(), runs[2].losses()
+    assert sorted(ep1) == sorted(ep2) == [1, 2, 3, 4, 5, 6]
+    for step in ep1:
+        assert math.isclose(ep2[step], ep1[step], rel_tol=LOSS_RTOL), f"step {step}: {ep2[step]!r} vs {ep1[step]!r}"
+    assert ep2[6] < ep2[1]
+    # nano: 4 experts, hidden 64, ffn 128; rank 0 holds experts 0 and 1 of each layer, AutoEP layout
+    assert ("expert parallel: ep=2, rank 0 holds experts [0, 2) of 4 in each of 2 layers: "
+            "layers.0.moe.experts.w1 [2, 128, 64], layers.0.moe.experts.w2 [2, 64, 128], "
+            "layers.0.moe.experts.w3 [2, 128, 64]") in runs[2].output
+    assert "expert parallel" not in runs[1].output
+    saved = sorted(p.name for p in (runs[2].run_dir / "checkpoints" / "step_00000006").glob("layer_*"))
+    assert saved == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)]
+
+
+@pytest.mark.slow
+def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path):
+    tag = runs[2].run_dir / "checkpoints" / "step_00000003"
+    resumed = trainer.run(tmp_path / "resumed", [*RUN, "trainer.expert_parallel_size=2", f"trainer.resume='{tag}'"])
+    resumed.check()
+    assert "resuming from step_00000003 at step 3" in resumed.output
+    assert resumed.losses() == {s: loss for s, loss in runs[2].losses().items() if s > 3}
+
+    # the deepspeed launcher: torchrun prints a traceback of its own when a rank exits non-zero
+    other = trainer.run(tmp_path / "other", [*RUN, "trainer.expert_parallel_size=1", f"trainer.resume='{tag}'"],
+                        launcher="deepspeed")
+    assert other.returncode != 0
+    assert (f"checkpoint {tag} was saved with trainer.expert_parallel_size=2 and this run has 1: each rank's "
+            "experts and optimizer shards follow that split.") in other.output
+    assert "Traceback" not in other.output
+
+
+def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    done = subprocess.run([sys.executable, "-m", "ava.export.cli", str(run_dir), str(out), "--layout", "ava"],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in out.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.slow
+def test_export_consolidates_expert_shards_into_the_ep1_model(runs, tmp_path):
+    ep1, ep2 = _export(runs[1].run_dir, tmp_path / "ep1"), _export(runs[2].run_dir, tmp_path / "ep2")
+    assert sorted(ep2) == sorted(ep1)
+    assert ep2["layers.0.moe.experts.w_gate_up"].shape == (4, 64, 256)
+    assert ep2["layers.0.moe.experts.w_down"].shape == (4, 128, 64)
+    for name, expected in ep1.items():
+        assert ep2[name].shape == expected.shape and ep2[name].dtype == expected.dtype, name
+        scale = float(expected.abs().max())
+        assert float((ep2[name] - expected).abs().max()) <= EXPORT_RTOL * scale, name
+
+
+@pytest.mark.slow
+def test_a_rank_whose_experts_get_no_tokens_does_not_hang(tmp_path):
+    """Every token routes to experts 0 and 1 (rank 0's): rank 1 runs its experts on no tokens."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(REPO / "tests" / "integration" / "scripts" / "ep_skewed.py"), "2", str(tmp_path)],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["rank"] == rank
+        assert result["counts"] == [[32.0, 32.0, 0.0, 0.0]] * 2  # experts 2 and 3 (rank 1's) got nothing
+        assert result["shapes"]["layers.0.moe.experts.w1"] == [2, 128, 64]
+        assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
