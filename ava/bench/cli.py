@@ -1,4 +1,4 @@
-"""`ava-bench moe|train [--quick|--full] [--out FILE.json] [--threads N]`: tables printed last."""
+"""`ava-bench moe|train|ep [--quick|--full] [--out FILE.json] [--threads N]`: tables printed last."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quick", action="store_true", help="a tiny model and 2 steps (smoke tests)")
     train.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     train.add_argument("override", nargs="*", help="model overrides key=value (e.g. num_layers=4)")
+
+    ep = sub.add_parser("ep", parents=[common], help="training throughput at expert-parallel size 1 vs 2 (torchrun)")
+    ep.add_argument("--preset", default="tiny_mixtral")
+    ep.add_argument("--ranks", type=int, default=2)
+    ep.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    ep.add_argument("--seq-len", type=int, default=256)
+    ep.add_argument("--quick", action="store_true", help="the nano model and 2 steps (smoke tests)")
+    ep.add_argument("override", nargs="*", help="model overrides key=value (e.g. num_layers=4)")
     return p
 
 
@@ -92,6 +100,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         tbl.write_json(args.out, payload)
         tbl.print_last(tbl.moe_table(payload))
+        return 0
+
+    if args.command == "ep":
+        from ava.bench import ep_bench, train_bench
+
+        overrides = train_bench.parse_overrides(args.override)
+        preset, batch, seq_len = args.preset, args.batch, args.seq_len
+        warmup = args.warmup if args.warmup is not None else 1
+        steps = args.repeats if args.repeats is not None else (2 if args.quick else 6)
+        if args.quick:
+            preset, batch, seq_len = "nano", 2, 32
+        elif not overrides and device.type == "cpu":
+            overrides = dict(train_bench.CPU_OVERRIDES)
+        per_rank = max(1, (os.cpu_count() or args.ranks) // args.ranks)
+        payload = ep_bench.run_ep(preset, ranks=args.ranks, batch=batch, seq_len=seq_len, warmup=warmup,
+                                  steps=steps, overrides=overrides, threads_per_rank=args.threads or per_rank)
+        payload = {"benchmark": "ep", "environment": tbl.environment(device, args.threads or per_rank), **payload,
+                   "seconds": time.time() - started}
+        tbl.write_json(args.out, payload)
+        tbl.print_last(tbl.ep_table(payload))
         return 0
 
     from ava.bench import train_bench

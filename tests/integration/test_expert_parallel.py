@@ -113,3 +113,20 @@ def test_a_rank_whose_experts_get_no_tokens_does_not_hang(tmp_path):
         assert result["counts"] == [[32.0, 32.0, 0.0, 0.0]] * 2  # experts 2 and 3 (rank 1's) got nothing
         assert result["shapes"]["layers.0.moe.experts.w1"] == [2, 128, 64]
         assert len(result["losses"]) == 3 and all(math.isfinite(v) for v in result["losses"])
+
+
+@pytest.mark.slow
+def test_ava_bench_ep_quick_runs_both_sizes_and_writes_json(tmp_path):
+    out = tmp_path / "ep.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "ava.bench.cli", "ep", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "ep" and data["ranks"] == 2 and data["environment"]["device"] == "cpu"
+    ep1, ep2 = data["results"]["ep1"], data["results"]["ep2"]
+    assert ep1["status"] == ep2["status"] == "ok"
+    assert ep1["tokens_per_step"] == ep2["tokens_per_step"] == 2 * 2 * 32
+    assert ep2["expert_params_per_rank"] * 2 == ep1["expert_params_per_rank"]  # half the experts each
+    assert math.isclose(ep2["losses"][0], ep1["losses"][0], rel_tol=LOSS_RTOL)  # the same function
+    assert done.stdout.rstrip().splitlines()[-1].startswith("└")  # the table is printed last

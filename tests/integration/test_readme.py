@@ -82,6 +82,11 @@ COMMANDS: Dict[str, How] = {
         expect="hidden_size: 768", env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}),
     "torchrun --nproc_per_node 2 -m ava.train experiment=smoke": How(
         extra=SHORT, expect="done: step 2", env={"OMP_NUM_THREADS": "1"}),
+    "torchrun --nproc_per_node 2 -m ava.train experiment=smoke model.activation=swiglu model.bias=false "
+    "model.router_jitter=0 model.capacity_factor=null trainer.expert_parallel_size=2": How(
+        extra=SHORT, expect="expert parallel: ep=2, rank 0 holds experts [0, 2) of 4",
+        env={"OMP_NUM_THREADS": "1"}),
+    "ava-bench ep --quick --out ep.json": How(covered_by="tests/integration/test_expert_parallel.py"),
     # --- Data
     "ava-train data=jsonl_example 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":
         How(replace=("/data/corpus", "corpus"), extra=["experiment=smoke", *SHORT],
