@@ -99,6 +99,23 @@ def test_export_consolidates_expert_shards_into_the_ep1_model(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_ep2_under_zero3_matches_and_exports_the_ep1_model(runs, trainer, tmp_path):
+    """ZeRO-3 partitions the experts' parameters over the expert-data-parallel group; its
+    checkpoint has no per-expert files and is consolidated by DeepSpeed's ds_to_universal."""
+    run = trainer.run(tmp_path / "zero3", [*RUN, "deepspeed=zero3", "trainer.expert_parallel_size=2"]).check()
+    assert "ZeRO stage 3" in run.output
+    ep1 = runs[1].losses()
+    for step, loss in run.losses().items():
+        assert math.isclose(loss, ep1[step], rel_tol=LOSS_RTOL), f"step {step}: {loss!r} vs {ep1[step]!r}"
+    assert not list((run.run_dir / "checkpoints" / "step_00000006").glob("layer_*"))
+    reference, exported = _export(runs[1].run_dir, tmp_path / "ep1"), _export(run.run_dir, tmp_path / "zero3x")
+    assert sorted(exported) == sorted(reference)
+    for name, expected in reference.items():
+        assert exported[name].shape == expected.shape, name
+        assert float((exported[name] - expected).abs().max()) <= EXPORT_RTOL * float(expected.abs().max()), name
+
+
+@pytest.mark.slow
 def test_a_rank_whose_experts_get_no_tokens_does_not_hang(tmp_path):
     """Every token routes to experts 0 and 1 (rank 0's): rank 1 runs its experts on no tokens."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
