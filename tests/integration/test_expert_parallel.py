@@ -43,6 +43,11 @@ def runs(trainer, tmp_path_factory):
             for ep in (1, 2)}
 
 
+@pytest.fixture(scope="module")
+def ep1_export(runs, tmp_path_factory) -> dict[str, torch.Tensor]:
+    return _export(runs[1].run_dir, tmp_path_factory.mktemp("ep1_export") / "model")
+
+
 @pytest.mark.slow
 def test_ep2_matches_ep1_and_each_rank_holds_only_its_experts(runs):
     ep1, ep2 = runs[1].losses(), runs[2].losses()
@@ -87,8 +92,8 @@ def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_export_consolidates_expert_shards_into_the_ep1_model(runs, tmp_path):
-    ep1, ep2 = _export(runs[1].run_dir, tmp_path / "ep1"), _export(runs[2].run_dir, tmp_path / "ep2")
+def test_export_consolidates_expert_shards_into_the_ep1_model(runs, ep1_export, tmp_path):
+    ep1, ep2 = ep1_export, _export(runs[2].run_dir, tmp_path / "ep2")
     assert sorted(ep2) == sorted(ep1)
     assert ep2["layers.0.moe.experts.w_gate_up"].shape == (4, 64, 256)
     assert ep2["layers.0.moe.experts.w_down"].shape == (4, 128, 64)
@@ -99,7 +104,7 @@ def test_export_consolidates_expert_shards_into_the_ep1_model(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ep2_under_zero3_matches_and_exports_the_ep1_model(runs, trainer, tmp_path):
+def test_ep2_under_zero3_matches_and_exports_the_ep1_model(runs, ep1_export, trainer, tmp_path):
     """ZeRO-3 partitions the experts' parameters over the expert-data-parallel group; its
     checkpoint has no per-expert files and is consolidated by DeepSpeed's ds_to_universal."""
     run = trainer.run(tmp_path / "zero3", [*RUN, "deepspeed=zero3", "trainer.expert_parallel_size=2"]).check()
@@ -108,7 +113,7 @@ def test_ep2_under_zero3_matches_and_exports_the_ep1_model(runs, trainer, tmp_pa
     for step, loss in run.losses().items():
         assert math.isclose(loss, ep1[step], rel_tol=LOSS_RTOL), f"step {step}: {loss!r} vs {ep1[step]!r}"
     assert not list((run.run_dir / "checkpoints" / "step_00000006").glob("layer_*"))
-    reference, exported = _export(runs[1].run_dir, tmp_path / "ep1"), _export(run.run_dir, tmp_path / "zero3x")
+    reference, exported = ep1_export, _export(run.run_dir, tmp_path / "zero3x")
     assert sorted(exported) == sorted(reference)
     for name, expected in reference.items():
         assert exported[name].shape == expected.shape, name
