@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,13 +20,9 @@ from typing import Any
 
 import torch
 
+from ava.train.distributed import free_port
+
 EP_SIZES = (1, 2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_ep(preset: str, *, ranks: int, batch: int, seq_len: int, warmup: int, steps: int,
@@ -40,7 +35,7 @@ def run_ep(preset: str, *, ranks: int, batch: int, seq_len: int, warmup: int, st
             if not torch.cuda.is_available():
                 env["DS_ACCELERATOR"] = "cpu"
             cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks),
-                   "--master_port", str(_free_port()), "-m", "ava.bench.ep_worker", "--ep", str(ep),
+                   "--master_port", str(free_port()), "-m", "ava.bench.ep_worker", "--ep", str(ep),
                    "--preset", preset, "--batch", str(batch), "--seq-len", str(seq_len), "--warmup", str(warmup),
                    "--steps", str(steps), "--overrides", json.dumps(overrides), "--out", str(out)]
             print(f"[ep={ep}] {ranks} ranks, {warmup}+{steps} steps", flush=True)

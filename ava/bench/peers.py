@@ -8,7 +8,6 @@ weights (gradients never mix).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -205,9 +204,9 @@ def init_deepspeed_single_process() -> Optional[str]:
         if dist.is_initialized():
             return None
         if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            from ava.train.distributed import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)

@@ -75,52 +75,43 @@ class _ExpertLoop(torch.autograd.Function):
     def forward(ctx, activation, counts, x_TH, token_S, weight_S, *params):  # type: ignore[override]
         forward_fn = swiglu_forward if activation == "swiglu" else gelu_forward
         y_TH = torch.zeros_like(x_TH)
-        outs, saved, start = [], [], 0
+        active, saved, start = [], [], 0  # (expert, its rows) and (output, *activations) per active expert
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
                 y, keep = forward_fn(x_TH.index_select(0, token_S[rows]), *_expert(params, e))
                 y_TH.index_add_(0, token_S[rows], y * weight_S[rows, None].to(y.dtype))
-                outs.append(y)
-                saved.extend(keep)
+                active.append((e, rows))
+                saved.extend((y, *keep))
             start += n
-        ctx.activation, ctx.counts, ctx.num_saved = activation, counts, len(saved)
-        ctx.save_for_backward(x_TH, token_S, weight_S, *outs, *saved, *[p for p in params if p is not None])
-        ctx.has_param = [p is not None for p in params]
+        ctx.activation, ctx.active, ctx.num_params = activation, active, len(params)
+        # everything through save_for_backward (None for an absent bias), so activation
+        # checkpointing's saved-tensor hooks also drop and recompute the per-expert activations
+        ctx.save_for_backward(x_TH, token_S, weight_S, *params, *saved)
         return y_TH
 
     @staticmethod
     def backward(ctx, grad_TH):  # type: ignore[override]
         x_TH, token_S, weight_S, *rest = ctx.saved_tensors
-        num_active = sum(1 for n in ctx.counts if n)
-        end_saved = num_active + ctx.num_saved
-        outs, saved, present = rest[:num_active], rest[num_active:end_saved], rest[end_saved:]
-        it = iter(present)
-        params = [next(it) if has else None for has in ctx.has_param]
+        params, saved = rest[:ctx.num_params], rest[ctx.num_params:]
+        per_expert = len(saved) // max(len(ctx.active), 1)
         backward_fn = swiglu_backward if ctx.activation == "swiglu" else gelu_backward
-        per_expert = len(saved) // max(num_active, 1)
         grad_x = torch.zeros_like(x_TH)
         grad_weight_S = torch.zeros_like(weight_S)
         grad_params = [None if p is None else torch.zeros_like(p) for p in params]
         grad_TH = grad_TH.contiguous()
-        start, active = 0, 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                rows = slice(start, start + n)
-                tokens = token_S[rows]
-                grad_out = grad_TH.index_select(0, tokens)
-                y = outs[active]
-                # multiply-then-sum: autograd's reduction order, so router gradients match the reference
-                grad_weight_S[rows] = (y * grad_out).sum(dim=-1).to(weight_S.dtype)
-                grad_y = grad_out * weight_S[rows, None].to(grad_out.dtype)
-                keep = tuple(saved[active * per_expert:(active + 1) * per_expert])
-                gx, gp = backward_fn(grad_y, x_TH.index_select(0, tokens), keep, *_expert(params, e))
-                grad_x.index_add_(0, tokens, gx)
-                for buf, g in zip(grad_params, gp, strict=True):
-                    if buf is not None:
-                        buf[e] = g
-                active += 1
-            start += n
+        for i, (e, rows) in enumerate(ctx.active):
+            y, *keep = saved[i * per_expert:(i + 1) * per_expert]
+            tokens = token_S[rows]
+            grad_out = grad_TH.index_select(0, tokens)
+            # multiply-then-sum: autograd's reduction order, so router gradients match the reference
+            grad_weight_S[rows] = (y * grad_out).sum(dim=-1).to(weight_S.dtype)
+            grad_y = grad_out * weight_S[rows, None].to(grad_out.dtype)
+            gx, gp = backward_fn(grad_y, x_TH.index_select(0, tokens), tuple(keep), *_expert(params, e))
+            grad_x.index_add_(0, tokens, gx)
+            for buf, g in zip(grad_params, gp, strict=True):
+                if buf is not None:
+                    buf[e] = g
         return (None, None, grad_x, None, grad_weight_S, *grad_params)
 
 
