@@ -111,8 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         steps = args.repeats if args.repeats is not None else (2 if args.quick else 6)
         if args.quick:
             preset, batch, seq_len = "nano", 2, 32
-        elif not overrides and device.type == "cpu":
-            overrides = dict(train_bench.CPU_OVERRIDES)
+        elif device.type == "cpu":  # the CPU-sized model, with the user's overrides on top
+            overrides = {**train_bench.CPU_OVERRIDES, **overrides}
         per_rank = max(1, (os.cpu_count() or args.ranks) // args.ranks)
         payload = ep_bench.run_ep(preset, ranks=args.ranks, batch=batch, seq_len=seq_len, warmup=warmup,
                                   steps=steps, overrides=overrides, threads_per_rank=args.threads or per_rank)

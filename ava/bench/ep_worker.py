@@ -31,9 +31,11 @@ def main() -> None:
     from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
     from ava.model.transformer import AvaForCausalLM
     from ava.train.engine import build_engine, plan
+    from ava.train.expert_parallel import implementation
 
     world = int(os.environ["WORLD_SIZE"])
-    # what AutoEP computes (dropless, jitter-free top-k, SwiGLU): the same function at every ep
+    # by default what AutoEP computes (dropless, jitter-free top-k, SwiGLU); other models (e.g.
+    # activation=gelu) run on Ava's sharded layer: the same function at every ep either way
     cfg = model_preset(args.preset, **{"activation": "swiglu", "bias": False, "router_jitter": 0.0,
                                        "capacity_factor": None, **json.loads(args.overrides)})
     trainer = TrainerConfig(expert_parallel_size=args.ep, micro_batch_size=args.batch, precision="fp32",
@@ -59,7 +61,8 @@ def main() -> None:
         step_s = statistics.median(samples)
         tokens = args.batch * args.seq_len * world
         Path(args.out).write_text(json.dumps({
-            "ep": args.ep, "world_size": world, "step_ms": step_s * 1e3,
+            "ep": args.ep, "implementation": implementation(cfg) if args.ep > 1 else "data parallel",
+            "world_size": world, "step_ms": step_s * 1e3,
             "step_min_ms": min(samples) * 1e3, "step_max_ms": max(samples) * 1e3, "tokens_per_step": tokens,
             "tokens_per_s": tokens / step_s, "losses": losses,
             "expert_params_per_rank": sum(p.numel() for n, p in engine.module.named_parameters()

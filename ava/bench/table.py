@@ -122,15 +122,16 @@ def ep_table(payload: dict[str, Any]) -> Table:
     table = Table(title=f"ava-bench ep — {payload['preset']}, {payload['ranks']} ranks x batch "
                         f"{payload['batch_per_rank']}x{payload['seq_len']}, ZeRO-{payload['zero_stage']}, "
                         f"{env['device_name']}", title_justify="left")
-    for col in ("expert parallel", "step ms (median)", "min–max", "tokens/s", "vs ep=1", "expert params / rank",
-                "loss@0"):
-        table.add_column(col, justify="right" if col != "expert parallel" else "left")
+    for col in ("expert parallel", "layer", "step ms (median)", "min–max", "tokens/s", "vs ep=1",
+                "expert params / rank", "loss@0"):
+        table.add_column(col, justify="left" if col in ("expert parallel", "layer") else "right")
     base = payload["results"].get("ep1", {}).get("tokens_per_s")
     for name, r in payload["results"].items():
         if r.get("status") != "ok":
-            table.add_row(name, f"n/a: {r.get('status')}", *["—"] * 5)
+            table.add_row(name, "—", f"n/a: {r.get('status')}", *["—"] * 5)
             continue
-        table.add_row(name, f"{r['step_ms']:.0f}", f"{r['step_min_ms']:.0f}–{r['step_max_ms']:.0f}",
+        table.add_row(name, r["implementation"], f"{r['step_ms']:.0f}",
+                      f"{r['step_min_ms']:.0f}–{r['step_max_ms']:.0f}",
                       f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "—",
                       f"{r['expert_params_per_rank']:,}", f"{r['losses'][0]:.5f}")
     return table

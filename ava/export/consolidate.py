@@ -6,14 +6,17 @@ state, so its module state in `mp_rank_00_model_states.pt` is already the whole 
 Both files are DeepSpeed pickles: exporting trusts the checkpoint directory exactly as resuming
 does; the export it produces is safetensors only.
 
-Expert-parallel checkpoints (DeepSpeed AutoEP, `trainer.expert_parallel_size` > 1) partition
-experts over expert-parallel ranks, which `zero_to_fp32` refuses. Under ZeRO-1/2 each expert is
-saved whole in its own `layer_L_expert_e_mp_rank_00_model_states.pt` and the other tensors in
+Expert-parallel checkpoints (`trainer.expert_parallel_size` > 1) partition experts over
+expert-parallel ranks, which `zero_to_fp32` refuses. Under ZeRO-1/2 each expert is saved whole
+in its own `layer_L_expert_e_mp_rank_00_model_states.pt` and the other tensors in
 `mp_rank_00_model_states.pt`: both are read as saved (the training dtype: exact for fp32; for
-bf16, the bf16 weights rather than ZeRO's fp32 master copy). Under ZeRO-3 DeepSpeed's
-`ds_to_universal` consolidates the fp32 master tensors. Experts come in AutoEP's layout
-(`w1`/`w3` `[I, H]`, `w2` `[H, I]` per expert) and are restacked into Ava's
-`w_gate_up [E, H, 2I]` / `w_down [E, I, H]`.
+bf16, the bf16 weights rather than ZeRO's fp32 master copy). Under ZeRO-3 (AutoEP only)
+DeepSpeed's `ds_to_universal` consolidates the fp32 master tensors. Experts are restacked into
+Ava's `[E, ...]` tensors from either layout:
+- AutoEP (`layers.L.moe.experts.w1.<e>`): `w1`/`w3` `[I, H]`, `w2` `[H, I]` per expert, into
+  `w_gate_up [E, H, 2I]` / `w_down [E, I, H]`;
+- Ava's sharded layer (`layers.L.moe.deepspeed_moe.experts.deepspeed_experts.<e>.w1`): Ava's
+  own per-expert tensors, stacked as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ava.checkpoints import read_manifest
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"  # AutoEP under ZeRO-1/2, one file per expert
 _AUTOEP_KEY = re.compile(r"(.+\.experts\.w[123])\.(\d+)")  # e.g. layers.0.moe.experts.w1.3
+# e.g. layers.0.moe.deepspeed_moe.experts.deepspeed_experts.3.b1 -> layers.0.moe.experts.b1, expert 3
+_SHARDED_KEY = re.compile(r"(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)")
 
 
 def consolidate(save_dir: Path, tag: str, quiet: bool = True) -> dict[str, torch.Tensor]:
@@ -52,11 +57,11 @@ def consolidate(save_dir: Path, tag: str, quiet: bool = True) -> dict[str, torch
 
 
 def expert_parallel_state(tag_dir: Path, quiet: bool = True) -> dict[str, torch.Tensor]:
-    """An AutoEP checkpoint's weights in Ava's names and layout (see the module docstring)."""
+    """An expert-parallel checkpoint's weights in Ava's names and layout (see the module docstring)."""
     expert_files = sorted(tag_dir.glob(EXPERT_FILES))
     state = _saved_modules(tag_dir, expert_files) if expert_files else _universal(tag_dir, quiet)
-    for name in [n for n in state if n.endswith(".experts.w1")]:
-        prefix = name.removesuffix(".w1")
+    for name in [n for n in state if n.endswith(".experts.w3")]:  # AutoEP's (Ava's GELU has w1 and w2 only)
+        prefix = name.removesuffix(".w3")
         gate, up, down = (state.pop(f"{prefix}.{w}") for w in ("w1", "w3", "w2"))
         # AutoEP: w1 (gate) and w3 (up) [E, I, H], w2 (down) [E, H, I]; Ava: [E, H, 2I] and [E, I, H]
         state[f"{prefix}.w_gate_up"] = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
@@ -73,10 +78,15 @@ def _saved_modules(tag_dir: Path, expert_files: list[Path]) -> dict[str, torch.T
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for file in expert_files:
         for key, tensor in torch.load(file, map_location="cpu", weights_only=False).items():
-            match = _AUTOEP_KEY.fullmatch(key)
-            if match is None:
-                raise ValueError(f"{file}: unexpected tensor {key!r} (expected '<layer>.experts.w1|w2|w3.<expert>')")
-            per_expert.setdefault(match[1], {})[int(match[2])] = tensor
+            autoep, sharded = _AUTOEP_KEY.fullmatch(key), _SHARDED_KEY.fullmatch(key)
+            if autoep is not None:
+                name, expert = autoep[1], int(autoep[2])
+            elif sharded is not None:
+                name, expert = f"{sharded[1]}.experts.{sharded[3]}", int(sharded[2])
+            else:
+                raise ValueError(f"{file}: unexpected tensor {key!r} (expected '<layer>.experts.w1|w2|w3.<expert>' "
+                                 "or '<layer>.deepspeed_moe.experts.deepspeed_experts.<expert>.<tensor>')")
+            per_expert.setdefault(name, {})[expert] = tensor
     for name, tensors in per_expert.items():
         num_experts = state[name.split(".experts.")[0] + ".router.gate.weight"].shape[0]
         missing = sorted(set(range(num_experts)) - set(tensors))

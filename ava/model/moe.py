@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -140,6 +141,31 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     return _Combine.apply(y_SH, weight_TK, order_S, pos_A, kept_A)
 
 
+def route(router: Router, cfg: ModelConfig, x_TH: torch.Tensor, training: bool) -> tuple[Assignment, RouterStats]:
+    """Router → top-k (or Sinkhorn) choice → capacity: the routing decision and its stats.
+
+    Every decision is local to this rank's tokens, so an expert-parallel layer that calls this
+    makes the same decisions as the data-parallel one."""
+    logits_TE = router(x_TH)
+    probs_TE, expert_TK, weight_TK = choose_experts(
+        logits_TE, top_k=cfg.top_k, routing=cfg.routing, sinkhorn_iters=cfg.sinkhorn_iters, training=training,
+    )
+    factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
+    capacity = capacity_for(x_TH.shape[0], cfg.num_experts, factor)
+    assignment = apply_capacity(expert_TK, weight_TK, probs_TE, capacity, cfg.overflow)
+    stats = router_stats(logits_TE, probs_TE, expert_TK, assignment.dropped_fraction, cfg.num_experts)
+    return assignment, stats
+
+
+def add_residual(y_TH: torch.Tensor, x_TH: torch.Tensor, assignment: Assignment,
+                 residual: Optional[nn.Module]) -> torch.Tensor:
+    """The `residual` overflow policy: tokens no expert kept go through the dense FFN."""
+    if residual is None:
+        return y_TH
+    rows = assignment.unserved_T.nonzero().squeeze(-1)
+    return y_TH.index_add(0, rows, residual(x_TH[rows]))
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -148,24 +174,8 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg)
         self.residual = DenseFFN(cfg) if cfg.overflow == "residual" else None
 
-    def route(self, x_TH: torch.Tensor) -> tuple[Assignment, RouterStats]:
-        cfg = self.cfg
-        logits_TE = self.router(x_TH)
-        probs_TE, expert_TK, weight_TK = choose_experts(
-            logits_TE, top_k=cfg.top_k, routing=cfg.routing,
-            sinkhorn_iters=cfg.sinkhorn_iters, training=self.training,
-        )
-        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        capacity = capacity_for(x_TH.shape[0], cfg.num_experts, factor)
-        assignment = apply_capacity(expert_TK, weight_TK, probs_TE, capacity, cfg.overflow)
-        stats = router_stats(logits_TE, probs_TE, expert_TK, assignment.dropped_fraction, cfg.num_experts)
-        return assignment, stats
-
     def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
-        assignment, stats = self.route(x_TH)
+        assignment, stats = route(self.router, self.cfg, x_TH, self.training)
         y_TH = dispatch_combine(x_TH, assignment, self.experts)
-        if self.residual is not None:
-            rows = assignment.unserved_T.nonzero().squeeze(-1)
-            y_TH = y_TH.index_add(0, rows, self.residual(x_TH[rows]))
-        return y_TH.view_as(x_BLH), stats
+        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH), stats

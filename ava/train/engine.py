@@ -23,7 +23,7 @@ from torch import nn
 from ava.config import ConfigError, DeepSpeedConfig, ModelConfig, TrainerConfig
 from ava.train import distributed
 from ava.train.ds_config import build_ds_config, deep_merge, load_preset, offloads_optimizer, zero_stage
-from ava.train.expert_parallel import autoep_section, check_expert_parallel, describe_local_experts
+from ava.train.expert_parallel import autoep_section, check_expert_parallel, describe_local_experts, implementation
 from ava.train.schedule import warmup_cosine_scheduler
 
 log = logging.getLogger("ava.train")
@@ -84,7 +84,7 @@ def plan(trainer: TrainerConfig, ds: DeepSpeedConfig, model: ModelConfig,
                              use_ds_optimizer=impl == "deepspeed")
     ep = trainer.expert_parallel_size
     check_expert_parallel(model, ep, world_size, zero_stage(config))
-    if ep > 1:
+    if ep > 1 and implementation(model) == "autoep":
         config["expert_parallel"] = autoep_section(model, ep)
     return config, impl
 
@@ -102,6 +102,12 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, ds_config: Dict[str, 
     """`deepspeed.initialize` with Ava's param groups, optimizer and warmup-cosine schedule."""
     import deepspeed
 
+    ep = trainer.expert_parallel_size
+    ep_impl = "autoep" if "expert_parallel" in ds_config else "sharded"
+    if ep > 1 and ep_impl == "sharded":  # AutoEP replaces the layers inside deepspeed.initialize
+        from ava.train.sharded_moe import shard_experts
+
+        shard_experts(model, ep, rank=torch.distributed.get_rank())
     groups = param_groups(model, trainer.weight_decay)
     decay_steps = trainer.decay_steps or trainer.max_steps
     scheduler = functools.partial(warmup_cosine_scheduler, lr=trainer.lr, min_lr=trainer.min_lr,
@@ -114,8 +120,8 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, ds_config: Dict[str, 
             _torch_adamw, lr=trainer.lr, betas=(trainer.adam_beta1, trainer.adam_beta2),
             eps=trainer.adam_eps, weight_decay=trainer.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(**kwargs)
-    if trainer.expert_parallel_size > 1:
-        log.info(describe_local_experts(engine.module, trainer.expert_parallel_size))
+    if ep > 1:
+        log.info(describe_local_experts(engine.module, ep, ep_impl))
     log.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s (%s)",
              engine.zero_optimization_stage(), trainer.precision, type(optimizer).__name__, impl)
     return engine

@@ -87,6 +87,9 @@ COMMANDS: Dict[str, How] = {
         extra=["--cfg", "job"], expect="expert_parallel_size: 2", env={"OMP_NUM_THREADS": "1"},
         why="composes the config on 2 ranks; tests/integration/test_expert_parallel.py trains with "
             "exactly these model and trainer settings (ep=2 vs ep=1, resume, export, ZeRO-3)"),
+    "torchrun --nproc_per_node 2 -m ava.train experiment=smoke trainer.expert_parallel_size=2": How(
+        extra=SHORT, expect="expert parallel (sharded): ep=2, rank 0 holds experts [0, 2) of 4",
+        env={"OMP_NUM_THREADS": "1"}),
     "ava-bench ep --quick --out ep.json": How(covered_by="tests/integration/test_expert_parallel.py"),
     # --- Data
     "ava-train data=jsonl_example 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":

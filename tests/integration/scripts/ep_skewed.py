@@ -1,5 +1,7 @@
 """Run under torchrun (2 CPU ranks): an expert-parallel engine (ep = argv[1]) whose router sends
 every token to experts 0 and 1, so the experts of the other rank receive no tokens at all.
+argv[3] picks the model: `autoep` (SwiGLU, dropless: DeepSpeed AutoEP) or `sharded` (nano's GELU
+experts with biases and capacity: Ava's sharded layer, which also drops slots here).
 
 Each rank writes `argv[2]/rank<r>.json`: its expert tensor shapes, the routed counts, the losses.
 """
@@ -22,7 +24,9 @@ STEPS = 3
 
 def main() -> None:
     ep, world = int(sys.argv[1]), int(os.environ["WORLD_SIZE"])
-    cfg = model_preset("nano", activation="swiglu", bias=False, router_jitter=0.0, capacity_factor=None, top_k=2)
+    models = {"autoep": dict(activation="swiglu", bias=False, router_jitter=0.0, capacity_factor=None),
+              "sharded": dict(router_jitter=0.0)}
+    cfg = model_preset("nano", top_k=2, **models[sys.argv[3]])
     trainer = TrainerConfig(expert_parallel_size=ep, micro_batch_size=2, optimizer_impl="torch",
                             precision="fp32", lr=1e-3, warmup_steps=0, max_steps=STEPS)
     ds_config, impl = plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)

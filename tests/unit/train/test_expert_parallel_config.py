@@ -1,5 +1,5 @@
-"""`trainer.expert_parallel_size`: refused with the setting named before anything starts, and the
-DeepSpeed `expert_parallel` section DeepSpeed's AutoEP parses."""
+"""`trainer.expert_parallel_size`: refused with the setting named before anything starts, the
+choice between AutoEP and Ava's sharded layer, and the `expert_parallel` section AutoEP parses."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from ava.config import ConfigError, DeepSpeedConfig, TrainerConfig, model_preset
 from ava.train.engine import plan
+from ava.train.expert_parallel import implementation
 
 EP_READY = dict(activation="swiglu", bias=False, routing="topk", router_jitter=0.0, capacity_factor=None)
 
@@ -29,14 +30,27 @@ def test_ep_section_names_avas_modules_and_tensors():
     assert "expert_parallel" not in _plan(1, 4)[0]
 
 
+@pytest.mark.parametrize("model", [
+    {"router_jitter": 0.01}, {"capacity_factor": 1.5}, {"eval_capacity_factor": 2.0},
+    {"activation": "gelu", "bias": True}, {"activation": "gelu", "bias": False}, {"routing": "sinkhorn"},
+])
+def test_models_autoep_cannot_run_exactly_get_the_sharded_layer(model):
+    """AutoEP's layer routes dropless top-k without jitter into SwiGLU experts: any other model
+    would train a different function there, so it runs on Ava's layer (no AutoEP section)."""
+    assert implementation(model_preset("nano", **EP_READY)) == "autoep"
+    assert implementation(model_preset("nano", **{**EP_READY, **model})) == "sharded"
+    config, _ = _plan(2, 2, **model)
+    assert "expert_parallel" not in config
+
+
 @pytest.mark.parametrize(("ep", "world", "model", "stage", "message"), [
     (2, 3, {}, 2, "trainer.expert_parallel_size=2 must divide the world size 3"),
     (3, 3, {}, 2, "trainer.expert_parallel_size=3 must divide model.num_experts=4"),
-    (2, 2, {"router_jitter": 0.01}, 2, "model.router_jitter=0.01 (needs 0.0)"),
-    (2, 2, {"capacity_factor": 1.5}, 2, "model.capacity_factor=1.5 (needs None)"),
-    (2, 2, {"activation": "gelu", "bias": True}, 2, "model.activation='gelu' (needs 'swiglu')"),
-    (2, 2, {"routing": "sinkhorn"}, 2, "model.routing='sinkhorn' (needs 'topk')"),
-    (2, 2, {}, 0, "needs ZeRO stage 1, 2 or 3"),
+    (2, 2, {}, 0, "trainer.expert_parallel_size=2 needs ZeRO stage 1, 2 or 3 (DeepSpeed reduces expert gradients "
+                  "over the expert-data-parallel group there); deepspeed stage is 0"),
+    (2, 2, {"activation": "gelu", "bias": True}, 3,
+     "trainer.expert_parallel_size=2 needs ZeRO stage 1 or 2 (this model runs on Ava's expert-parallel layer"),
+    (2, 2, {"capacity_factor": 1.5}, 0, "needs ZeRO stage 1 or 2 (DeepSpeed reduces expert gradients"),
 ])
 def test_impossible_expert_parallelism_is_refused_with_the_setting_named(ep, world, model, stage, message):
     with pytest.raises(ConfigError) as err:
