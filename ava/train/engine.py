@@ -31,13 +31,15 @@ log = logging.getLogger("ava.train")
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Two AdamW groups: decay for matrices (incl. 3-D stacked experts), none for norms,
-    biases (ndim < 2) and embeddings (name contains "embed"). Named, because DeepSpeed splits
+    biases (expert biases included, at any ep) and embeddings (name contains "embed"). Named, because DeepSpeed splits
     expert-parallel parameters out of each group by name."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "embed" in name else decay).append(param)
+        # experts' biases by name: stacked `b1 [E, I]` is 2-D, one expert's `b1 [I]` (expert parallel) 1-D
+        is_bias = name.rsplit(".", 1)[-1] in ("bias", "b1", "b2")
+        (no_decay if param.ndim < 2 or is_bias or "embed" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
@@ -103,11 +105,13 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, ds_config: Dict[str, 
     import deepspeed
 
     ep = trainer.expert_parallel_size
-    ep_impl = "autoep" if "expert_parallel" in ds_config else "sharded"
+    ep_impl = implementation(model.cfg)
     if ep > 1 and ep_impl == "sharded":  # AutoEP replaces the layers inside deepspeed.initialize
-        from ava.train.sharded_moe import shard_experts
+        from ava.train.sharded_moe import expert_parallel_rank, shard_experts
 
-        shard_experts(model, ep, rank=torch.distributed.get_rank())
+        data_before_expert = bool(ds_config.get("use_data_before_expert_parallelism", False))
+        shard_experts(model, ep, expert_parallel_rank(torch.distributed.get_rank(),
+                                                      torch.distributed.get_world_size(), ep, data_before_expert))
     groups = param_groups(model, trainer.weight_decay)
     decay_steps = trainer.decay_steps or trainer.max_steps
     scheduler = functools.partial(warmup_cosine_scheduler, lr=trainer.lr, min_lr=trainer.min_lr,

@@ -32,7 +32,9 @@ def implementation(model: ModelConfig) -> str:
         "model.capacity_factor": (model.capacity_factor, None),
         "model.eval_capacity_factor": (model.eval_capacity_factor, None),
     }
-    return "autoep" if all(value == want for value, want in exact.values()) else "sharded"
+    # `residual` overflow keeps a dense FFN that AutoEP's replacement layer would drop
+    exact_ok = all(value == want for value, want in exact.values()) and model.overflow != "residual"
+    return "autoep" if exact_ok else "sharded"
 
 
 def check_expert_parallel(model: ModelConfig, ep: int, world_size: int, zero_stage: int) -> None:

@@ -6,7 +6,8 @@ biases), capacity, `next_best`/`residual` overflow, router jitter, Sinkhorn rout
 tokens, so the layer computes the same function at any ep. Only the expert FFNs are remote:
 kept slots travel to the rank that holds their expert with DeepSpeed's variable-size all-to-all
 (`compute_split_plan_from_expert_indices` + `_AllToAllV`, the ones AutoEP uses), each local
-expert runs on all its rows, and the outputs travel back to be weighted and summed per token.
+expert runs on the rows it received, and the outputs travel back to be weighted and summed per
+token.
 
 Why a `deepspeed.moe.layer.MoE` subclass rather than DeepSpeed's MoE layer itself: that layer
 brings its own `TopKGate` (capacity padding to `[E, C, H]`, its own top-1/top-2 rules, no biases
@@ -36,7 +37,8 @@ from ava.model.transformer import AvaForCausalLM
 
 
 class ExpertFFN(nn.Module):
-    """One expert: the `[E, ...]` tensors of Ava's `Experts` at one index, same names."""
+    """One expert: the `[E, ...]` tensors of Ava's `Experts` at one index, same names, and the
+    same FFN functions as the loop backend (plain autograd over them)."""
 
     def __init__(self, stacked: dict[str, torch.Tensor], activation: str) -> None:
         super().__init__()
@@ -111,7 +113,8 @@ class ShardedMoELayer(MoE):
 
     def _run_local_experts(self, x_RH: torch.Tensor, counts_SL: torch.Tensor) -> torch.Tensor:
         """Received rows come grouped by source rank, then by local expert (`counts_SL`); each
-        local expert runs once on all its rows, even none, so every expert has a gradient."""
+        local expert runs once on all its rows, even none, so every expert has a gradient.
+        (Stacking the local experts for the loop backend measured no faster: `ava-bench ep`.)"""
         local_R = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=x_RH.device).repeat(counts_SL.shape[0]),
             counts_SL.reshape(-1).to(torch.long), output_size=x_RH.shape[0])
@@ -121,8 +124,14 @@ class ShardedMoELayer(MoE):
         return y.index_select(0, torch.argsort(by_expert))
 
 
-def shard_experts(model: AvaForCausalLM, ep: int, rank: int) -> None:
+def expert_parallel_rank(rank: int, world_size: int, ep: int, data_before_expert: bool) -> int:
+    """A rank's place in its expert-parallel group, as DeepSpeed's
+    `_create_expert_and_data_parallel` will lay the groups out: consecutive ranks by default,
+    strided by world/ep with `use_data_before_expert_parallelism`."""
+    return rank // (world_size // ep) if data_before_expert else rank % ep
+
+
+def shard_experts(model: AvaForCausalLM, ep: int, ep_rank: int) -> None:
     """Put a `ShardedMoELayer` in every `MoELayer`'s place (before `deepspeed.initialize`)."""
     for block in model.layers:
-        block.moe = ShardedMoELayer(block.moe, ep, ep_rank=rank % ep)
-
+        block.moe = ShardedMoELayer(block.moe, ep, ep_rank)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from ava.export import export_checkpoint
+from ava.inference.format import detect, read_tensors
 
 from .conftest import REPO, TIMEOUT_S, free_port
 
@@ -104,13 +106,8 @@ def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, 
 
 
 def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
-    done = subprocess.run([sys.executable, "-m", "ava.export.cli", str(run_dir), str(out), "--layout", "ava"],
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-4000:]
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in out.glob("*.safetensors"):
-        tensors.update(load_file(shard))
-    return tensors
+    """In process (the CLI is tested in test_export.py): what `ava-export RUN OUT --layout ava` writes."""
+    return read_tensors(detect(export_checkpoint(run_dir, out, layout="ava", progress=lambda _m: None)))
 
 
 EXPERT_SHAPES = {  # Ava's layout, every expert of layer 0

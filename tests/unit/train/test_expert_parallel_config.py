@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from ava.config import ConfigError, DeepSpeedConfig, TrainerConfig, model_preset
-from ava.train.engine import plan
+from ava.model.transformer import AvaForCausalLM
+from ava.train.engine import param_groups, plan
 from ava.train.expert_parallel import implementation
+from ava.train.sharded_moe import expert_parallel_rank
 
 EP_READY = dict(activation="swiglu", bias=False, routing="topk", router_jitter=0.0, capacity_factor=None)
 
@@ -33,6 +35,7 @@ def test_ep_section_names_avas_modules_and_tensors():
 @pytest.mark.parametrize("model", [
     {"router_jitter": 0.01}, {"capacity_factor": 1.5}, {"eval_capacity_factor": 2.0},
     {"activation": "gelu", "bias": True}, {"activation": "gelu", "bias": False}, {"routing": "sinkhorn"},
+    {"overflow": "residual"},  # never used when dropless, but AutoEP's layer would lose its weights
 ])
 def test_models_autoep_cannot_run_exactly_get_the_sharded_layer(model):
     """AutoEP's layer routes dropless top-k without jitter into SwiGLU experts: any other model
@@ -61,3 +64,25 @@ def test_impossible_expert_parallelism_is_refused_with_the_setting_named(ep, wor
 def test_expert_parallel_size_must_be_positive():
     with pytest.raises(ConfigError, match=r"trainer\.expert_parallel_size=0 must be a positive integer"):
         TrainerConfig(expert_parallel_size=0)
+
+
+def test_expert_parallel_ranks_follow_deepspeeds_group_layout():
+    """`_create_expert_and_data_parallel`: groups of consecutive ranks ({0, 1}, {2, 3} at ep=2 on 4
+    ranks) by default, strided ({0, 2}, {1, 3}) with `use_data_before_expert_parallelism`."""
+    assert [expert_parallel_rank(r, 4, 2, False) for r in range(4)] == [0, 1, 0, 1]
+    assert [expert_parallel_rank(r, 4, 2, True) for r in range(4)] == [0, 0, 1, 1]
+    assert [expert_parallel_rank(r, 8, 4, True) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_expert_biases_get_no_weight_decay_like_every_bias():
+    """Stacked expert biases are 2-D (`b1 [E, I]`): by name, not by shape, so a GELU model decays
+    the same tensors at ep=1 as on the sharded layer (one `[I]` bias per expert)."""
+    model = AvaForCausalLM(model_preset("nano", activation="gelu", bias=True))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, 0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = sorted(names[i] for i in groups["no_decay"])
+    assert "layers.0.moe.experts.b1" in no_decay and "layers.0.moe.experts.b2" in no_decay
+    assert all(n.rsplit(".", 1)[-1] in ("weight", "bias", "b1", "b2") for n in no_decay)
+    decay = {names[i] for i in groups["decay"]}
+    assert {"layers.0.moe.experts.w1", "layers.0.moe.experts.w2", "layers.0.moe.router.gate.weight"} <= decay
+    assert not any(n.endswith((".bias", ".b1", ".b2")) for n in decay)
