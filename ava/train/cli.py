@@ -168,7 +168,10 @@ def main() -> None:
     except SystemExit as exc:
         if exc.code == 1 and not _TASK_ENTERED:  # Hydra rejected an override or a config file
             sys.exit(2)
+        if exc.code in (0, None):  # a preempted run: every rank agreed to stop, all can meet
+            distributed.shutdown_and_exit(0)
         raise
+    distributed.shutdown_and_exit(0)
 
 
 if __name__ == "__main__":
