@@ -31,7 +31,7 @@ import torch
 from ava.checkpoints import read_manifest
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"  # AutoEP under ZeRO-1/2, one file per expert
+EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"  # expert parallel, ZeRO-1/2: one per expert
 _AUTOEP_KEY = re.compile(r"(.+\.experts\.w[123])\.(\d+)")  # e.g. layers.0.moe.experts.w1.3
 # e.g. layers.0.moe.deepspeed_moe.experts.deepspeed_experts.3.b1 -> layers.0.moe.experts.b1, expert 3
 _SHARDED_KEY = re.compile(r"(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)")

@@ -107,6 +107,14 @@ class _Combine(torch.autograd.Function):
         return grad_y_SH, grad_w_TK, None, None, None
 
 
+def slot_order(assignment: Assignment, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_A, order_S): each of the T·K slots' sort key (its expert, or E for a dropped slot, so
+    dropped slots sort after every kept one) and the slots in stable order of that key."""
+    expert_A = assignment.expert_TK.reshape(-1)
+    key_A = expert_A if assignment.all_kept else torch.where(assignment.kept_TK.reshape(-1), expert_A, num_experts)
+    return key_A, torch.argsort(key_A, stable=True)
+
+
 def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Experts) -> torch.Tensor:
     """Sort the T·K (token, expert) slots by expert, run each expert on its rows, and weight +
     sum them back per token (`model.expert_backend`: one grouped matmul per projection, or the
@@ -116,15 +124,13 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     shapes never depend on routing (no host sync); its dropped rows are masked out both ways.
     """
     num_experts = experts.num_experts
-    expert_A = assignment.expert_TK.reshape(-1)
+    key_A, order_S = slot_order(assignment, num_experts)
     weight_TK = assignment.weight_TK
     if assignment.all_kept:
-        key_A, kept_A = expert_A, expert_A.new_empty(0, dtype=torch.bool)
+        kept_A = key_A.new_empty(0, dtype=torch.bool)
     else:
         kept_A = assignment.kept_TK.reshape(-1)
-        key_A = torch.where(kept_A, expert_A, num_experts)
         weight_TK = weight_TK.masked_fill(~assignment.kept_TK, 0.0)
-    order_S = torch.argsort(key_A, stable=True)
     counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
     top_k = weight_TK.shape[1]
     # w_down or w2 `[E, I, H]`: both I and H are checked for alignment

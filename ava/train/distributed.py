@@ -140,8 +140,7 @@ def shutdown_and_exit(code: int) -> None:
     is on disk and the W&B run finished before this point."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if world_size() > 1:
-        barrier()
+    barrier()
     dist.destroy_process_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

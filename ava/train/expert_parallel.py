@@ -25,16 +25,11 @@ MOE_LAYER_PATTERN = r"layers\.\d+\.moe"  # full module names of Ava's MoE layers
 
 def implementation(model: ModelConfig) -> str:
     """`autoep` where AutoEP's layer is this model's exact function, `sharded` otherwise."""
-    exact = {
-        "model.activation": (model.activation, "swiglu"),
-        "model.routing": (model.routing, "topk"),
-        "model.router_jitter": (model.router_jitter, 0.0),
-        "model.capacity_factor": (model.capacity_factor, None),
-        "model.eval_capacity_factor": (model.eval_capacity_factor, None),
-    }
-    # `residual` overflow keeps a dense FFN that AutoEP's replacement layer would drop
-    exact_ok = all(value == want for value, want in exact.values()) and model.overflow != "residual"
-    return "autoep" if exact_ok else "sharded"
+    exact = (model.activation == "swiglu" and model.routing == "topk" and model.router_jitter == 0.0
+             and model.capacity_factor is None and model.eval_capacity_factor is None
+             # `residual` overflow keeps a dense FFN that AutoEP's replacement layer would drop
+             and model.overflow != "residual")
+    return "autoep" if exact else "sharded"
 
 
 def check_expert_parallel(model: ModelConfig, ep: int, world_size: int, zero_stage: int) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ava.config import ConfigError, ModelConfig
 from ava.model.expert_loop import gelu_forward, swiglu_forward
-from ava.model.moe import MoELayer, RouterStats, add_residual, route
+from ava.model.moe import MoELayer, RouterStats, add_residual, route, slot_order
 from ava.model.transformer import AvaForCausalLM
 
 
@@ -68,12 +68,15 @@ class ShardedMoELayer(MoE):
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
         self.ep_rank, self.ep_group = ep_rank, None
         first = ep_rank * self.num_local_experts
-        stacked = {name: p for name, p in layer.experts.named_parameters()}
-        experts = [ExpertFFN({n: t[e] for n, t in stacked.items()}, cfg.activation)
-                   for e in range(first, first + self.num_local_experts)]
-        container = DeepSpeedExperts(experts[0], self.num_local_experts, self.expert_group_name)
-        for slot, expert in zip(container.deepspeed_experts, experts, strict=True):
-            slot.load_state_dict(expert.state_dict())
+        stacked = dict(layer.experts.named_parameters())
+        # DeepSpeed's container copies one expert per local slot and marks them expert-parallel;
+        # each slot then takes its own expert's slice
+        template = ExpertFFN({n: t[first] for n, t in stacked.items()}, cfg.activation)
+        container = DeepSpeedExperts(template, self.num_local_experts, self.expert_group_name)
+        with torch.no_grad():
+            for e, slot in enumerate(container.deepspeed_experts, start=first):
+                for name, param in slot.named_parameters():
+                    param.copy_(stacked[name][e])
         self.deepspeed_moe = nn.ModuleDict({"experts": container})
 
     @property
@@ -97,9 +100,7 @@ class ShardedMoELayer(MoE):
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training)
         num_experts, top_k = self.num_experts, assignment.expert_TK.shape[1]
-        expert_A = assignment.expert_TK.reshape(-1)
-        key_A = expert_A if assignment.all_kept else torch.where(assignment.kept_TK.reshape(-1), expert_A, num_experts)
-        order_S = torch.argsort(key_A, stable=True)
+        key_A, order_S = slot_order(assignment, num_experts)
         order_S = order_S[:int((key_A < num_experts).sum())]  # kept slots by expert; dropped ones stay home
         token_S = order_S // top_k
         plan = compute_split_plan_from_expert_indices(key_A[order_S], num_experts, self.ep_size,
