@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ava.train.distributed import shutdown_and_exit
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -72,3 +74,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_and_exit(0)  # every rank meets and exits without gloo's finalization abort

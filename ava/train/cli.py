@@ -168,10 +168,16 @@ def main() -> None:
     except SystemExit as exc:
         if exc.code == 1 and not _TASK_ENTERED:  # Hydra rejected an override or a config file
             sys.exit(2)
-        if exc.code in (0, None):  # a preempted run: every rank agreed to stop, all can meet
-            distributed.shutdown_and_exit(0)
+        distributed.shutdown_and_exit(_exit_status(exc.code))
         raise
     distributed.shutdown_and_exit(0)
+
+
+def _exit_status(code: Any) -> int:
+    """The exit status of `sys.exit(code)`: Ava and Hydra exit with None or an int."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 if __name__ == "__main__":

@@ -131,17 +131,19 @@ def init_distributed(timeout_s: Optional[float] = None) -> None:
 
 
 def shutdown_and_exit(code: int) -> None:
-    """The end of a process that trained (returns only if it never joined a process group):
-    every rank waits for the others, tears its process group down, flushes its logs and exits
-    without interpreter finalization. Finalization with gloo's threads still around (the
-    process group, the launcher's store hosted by rank 0 under the deepspeed launcher) made a
-    rank abort after a complete run with `terminate called without an active exception`: ~1 in
-    12 two-rank runs under the deepspeed launcher here, failing finished jobs. Training state
-    is on disk and the W&B run finished before this point."""
+    """The end of a process that joined a process group (returns only if it never did): it
+    flushes its logs and exits without interpreter finalization. Finalization with gloo's
+    threads still around (the process group, the launcher's store hosted by rank 0 under the
+    deepspeed launcher) made a rank abort with `terminate called without an active exception`
+    in ~1 of 12 two-rank runs here, turning a finished run (exit 0) or a clear refusal (exit 2)
+    into a SIGABRT. After a success every rank first waits for the others and tears the group
+    down; after a failure it does neither, because a failing rank must never wait for a peer
+    that may not come. Training state is on disk and the W&B run finished before this point."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    barrier()
-    dist.destroy_process_group()
+    if code == 0:
+        barrier()
+        dist.destroy_process_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

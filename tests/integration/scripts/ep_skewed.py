@@ -17,6 +17,7 @@ import torch
 
 from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
 from ava.model.transformer import AvaForCausalLM
+from ava.train.distributed import shutdown_and_exit
 from ava.train.engine import build_engine, plan
 
 STEPS = 3
@@ -58,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_and_exit(0)  # every rank meets and exits without gloo's finalization abort
