@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from deepspeed.module_inject.auto_ep_layer import _AllToAllV, compute_split_plan_from_expert_indices
 from deepspeed.moe.experts import Experts as DeepSpeedExperts
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
@@ -95,8 +96,6 @@ class ShardedMoELayer(MoE):
         self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
 
     def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:  # type: ignore[override]
-        from deepspeed.module_inject.auto_ep_layer import _AllToAllV, compute_split_plan_from_expert_indices
-
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training)
         num_experts, top_k = self.num_experts, assignment.expert_TK.shape[1]
