@@ -7,8 +7,10 @@
 #   NPROC=4 MASTER_PORT=29600 launch/train.sh ...        # GPU node: 4 of its GPUs
 #
 # SIGTERM to this script (a scheduler's preemption, `kill PID`) is passed to the training ranks
-# themselves: they finish the step, agree, save a checkpoint and exit 0, and so does this script.
-# (DeepSpeed's own launcher answers SIGTERM by terminating its children and exiting 1.)
+# themselves: they finish the step, agree, save a checkpoint and exit 143, and so does this script
+# (130 after Ctrl-C): "stopped early, rerun the same command to continue", which a scheduler
+# treats as a preemption. 0 means finished. (DeepSpeed's own launcher answers SIGTERM by
+# terminating its children and exiting 1, hence the forwarding below.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]]; then source .venv/bin/activate; fi

@@ -17,6 +17,7 @@ from ava.data.errors import (
 from ava.data.loader import BlockLoader
 from ava.data.packing import TokenBlocks
 from ava.data.prepare import PreparedData, prepare_data
+from ava.data.sources import check_sources
 from ava.data.validate import ValidationReport
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "TokenBlocks",
     "TokenizerMismatchError",
     "ValidationReport",
+    "check_sources",
     "prepare_data",
     "python_docs_documents",
 ]

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: report.json records the first skipped record
 META = "meta.json"
 REPORT = "report.json"
 TOKENIZER = "tokenizer.json"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ava.config import DataConfig
 from ava.data import cache
 from ava.data import tokenizer as tok
-from ava.data.errors import DataError, DataSourceError
+from ava.data.errors import DataError, DataSourceError, DataValidationError
 from ava.data.packing import TokenBlocks, token_dtype, tokenize, write_stream
 from ava.data.sources import Source, resolve_sources
 from ava.data.validate import ValidationReport, Validator
@@ -50,12 +50,14 @@ class PreparedData:
 
 
 class _Output:
-    """Human output: rich on stderr when `progress`, else `logging` (INFO)."""
+    """Human output of the preparation. Every line goes to `logging` (INFO), so a run's
+    `train.log` holds the sources used and the validation report; where nobody configured
+    logging (a notebook, a script), `progress` prints the lines on stderr instead."""
 
     def __init__(self, progress: bool) -> None:
         self.progress = progress
         self.console = None
-        if progress:
+        if progress and not log.hasHandlers():
             from rich.console import Console
 
             self.console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -67,11 +69,8 @@ class _Output:
             log.info("%s", message)
 
     def report(self, report: ValidationReport) -> None:
-        if self.console is not None:
-            report.print(self.console)
-        else:
-            for line in report.lines():
-                log.info("%s", line)
+        for line in report.lines():
+            self.say(f"data validation: {line}" if not line.startswith(" ") else line)
 
 
 def _dist_rank() -> Tuple[int, bool]:
@@ -237,6 +236,17 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
     out.report(report)
 
 
+SOURCES_SHOWN = 5  # sources named one by one in the preparation log; the rest are counted
+
+
+def describe_sources(sources: List[Source]) -> str:
+    """One line naming the sources a run reads (the built-in corpus included)."""
+    names = [s.name for s in sources[:SOURCES_SHOWN]]
+    rest = len(sources) - len(names)
+    return (f"data: {len(sources)} source(s): " + ", ".join(names)
+            + (f", and {rest} more" if rest > 0 else ""))
+
+
 def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
                    out: _Output) -> Path:
     """Find or build the cache directory; returns its path."""
@@ -244,10 +254,20 @@ def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
     root = cache.cache_root(data_cfg.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(data_cfg, hf_cache_dir=root.parent / "hf")
+    out.say(describe_sources(sources))
+    if data_cfg.builtin and data_cfg.sources:
+        log.warning("data: the built-in corpus %r is used as well as data.sources "
+                    "(data.builtin=%s); to train on your files only, use data=files", data_cfg.builtin,
+                    data_cfg.builtin)
     key, _corpus_key, identity = _keys(data_cfg, sources, seed, model_vocab_size)
     final = root / f"{data_cfg.name}-{key[:16]}"
     if cache.is_complete(final):
+        report = ValidationReport.load(final / cache.REPORT)
+        if data_cfg.strict and report.total_skipped:
+            # the cache was built without strict mode: strict must hold whatever the cache holds
+            raise DataValidationError(report.strict_error() or "")
         out.say(f"data: reusing cache {final} ({time.perf_counter() - start:.2f}s)")
+        out.report(report)
     else:
         _build(data_cfg, sources, key, identity, final, seed, model_vocab_size, out)
     return final

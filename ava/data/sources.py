@@ -167,3 +167,20 @@ def resolve_sources(data_cfg: DataConfig, hf_cache_dir: Path) -> List[Source]:
             else:
                 resolved.append(_file_source(path, cfg, data_cfg.batch_size))
     return resolved
+
+
+def check_sources(data_cfg: DataConfig) -> None:
+    """Fail fast, reading nothing, when a source cannot exist: a missing path, a glob that matches
+    no file, an empty directory, an unknown built-in corpus. Called before any process group is
+    created, so a typo in a path ends the run with one line instead of a distributed failure."""
+    from ava.data import builtin
+
+    if data_cfg.builtin:
+        builtin.get(data_cfg.builtin)
+    for index, cfg in enumerate(data_cfg.sources):
+        where = f"data.sources[{index}]"
+        if cfg.path is not None:
+            _expand(cfg.path, where)
+        for pattern in cfg.data_files:
+            if "://" not in pattern:
+                _expand(pattern, where)

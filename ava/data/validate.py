@@ -37,6 +37,12 @@ class RawRecord:
     detail: str = ""
 
 
+def strict_message(location: str, reason: str, detail: str) -> str:
+    """What `data.strict=true` says about the first bad record (fresh or from a cached report)."""
+    return (f"{location}: {reason}: {detail} (data.strict=true stops at the first bad record; set "
+            "data.strict=false to skip and count bad records instead)")
+
+
 @dataclass
 class ValidationReport:
     """Counts by reason and the first examples of each, saved as JSON next to the cache."""
@@ -47,6 +53,9 @@ class ValidationReport:
     split_documents: int = 0  # kept documents longer than max_doc_chars
     split_pieces: int = 0  # the documents they became
     examples: Dict[str, List[str]] = field(default_factory=dict)
+    # the first skipped record (location, reason, detail): a strict run that finds this report in
+    # the cache stops with the message a fresh strict run would give
+    first_skip: Optional[Dict[str, str]] = None
 
     @property
     def total_skipped(self) -> int:
@@ -61,13 +70,23 @@ class ValidationReport:
         return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
                 "split_documents": self.split_documents, "split_pieces": self.split_pieces,
                 "documents": self.documents, "examples": {k: list(v) for k, v in
-                                                          self.examples.items()}}
+                                                          self.examples.items()},
+                "first_skip": self.first_skip}
 
     @classmethod
     def from_dict(cls, data: dict) -> ValidationReport:
         return cls(read=data["read"], kept=data["kept"], skipped=dict(data["skipped"]),
                    split_documents=data["split_documents"], split_pieces=data["split_pieces"],
-                   examples={k: list(v) for k, v in data["examples"].items()})
+                   examples={k: list(v) for k, v in data["examples"].items()},
+                   first_skip=data.get("first_skip"))
+
+    def strict_error(self) -> Optional[str]:
+        """The strict-mode message for this report's first skipped record; None if none was."""
+        if not self.total_skipped:
+            return None
+        first = self.first_skip or {}
+        return strict_message(first.get("location", "?"), first.get("reason", "?"),
+                              first.get("detail", ""))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -87,29 +106,6 @@ class ValidationReport:
             out.append(f"  split {self.split_documents} over-long documents into "
                        f"{self.split_pieces} pieces" + (f" (e.g. {shown})" if shown else ""))
         return out
-
-    def print(self, console: Optional[object] = None) -> None:
-        """Print as a rich table (reason, count, examples)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        console = console or Console(stderr=True)
-        if not self.skipped and not self.split_documents:
-            console.print(f"data validation: read {self.read}, kept {self.kept}, "  # type: ignore[attr-defined]
-                          "nothing skipped or split")
-            return
-        table = Table(title=f"data validation: read {self.read}, kept {self.kept}, "
-                            f"skipped {self.total_skipped}")
-        table.add_column("reason")
-        table.add_column("count", justify="right")
-        table.add_column("first examples")
-        for reason, count in sorted(self.skipped.items()):
-            table.add_row(f"skipped: {reason}", str(count),
-                          "\n".join(self.examples.get(reason, [])))
-        if self.split_documents:
-            table.add_row(f"kept, split into {self.split_pieces} pieces",
-                          str(self.split_documents), "\n".join(self.examples.get(SPLIT, [])))
-        console.print(table)  # type: ignore[attr-defined]
 
 
 def split_text(text: str, max_chars: int) -> List[str]:
@@ -144,9 +140,9 @@ class Validator:
 
     def _skip(self, record: RawRecord, reason: str, detail: str) -> None:
         if self.strict:
-            raise DataValidationError(
-                f"{record.location}: {reason}: {detail} (data.strict=true stops at the first "
-                "bad record; set data.strict=false to skip and count bad records instead)")
+            raise DataValidationError(strict_message(record.location, reason, detail))
+        if self.report.first_skip is None:
+            self.report.first_skip = {"location": record.location, "reason": reason, "detail": detail}
         self._skipped[reason] += 1
         self.report.skipped = dict(sorted(self._skipped.items()))
         self._example(reason, record.location)

@@ -62,6 +62,14 @@ def _client_state(tag_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in blob.items() if k not in ("module", "optimizer", "lr_scheduler")}
 
 
+RUN_DIR_SIGNS = ("checkpoints", "train.log", ".hydra", "metrics.jsonl", "status.json")
+
+
+def _is_run_dir(path: Path) -> bool:
+    """What `ava-train` leaves in a run directory before (or without) its first checkpoint."""
+    return any((path / name).exists() for name in RUN_DIR_SIGNS)
+
+
 def locate(source: Path) -> CheckpointSource:
     source = Path(source)
     if not source.is_dir():
@@ -71,16 +79,21 @@ def locate(source: Path) -> CheckpointSource:
         if problems:
             raise ExportError(f"{source} is corrupt: " + "; ".join(problems) + "; export an older checkpoint")
         tag_dir = source
-    elif (source / "checkpoints").is_dir():
+    elif _is_run_dir(source):
         found, rejected = newest_intact(source / "checkpoints")
+        if found is None and rejected:
+            raise ExportError(f"{source / 'checkpoints'} holds no intact checkpoint: " + "; ".join(rejected))
         if found is None:
-            why = ("; ".join(rejected)) if rejected else "it is empty"
-            raise ExportError(f"{source / 'checkpoints'} holds no intact checkpoint: {why}")
+            raise ExportError(
+                f"{source} is a run directory with no checkpoint yet: training saves one every "
+                "trainer.save_every steps and at the end (trainer.save_at_end). Wait for the first "
+                "save, or let the run finish, then export again")
         tag_dir = found
     elif any(source.glob("*model_states.pt")):
         raise ExportError(f"{source} is a checkpoint whose save never completed (no {MARKER}); export an older one")
     else:
-        raise ExportError(f"{source} is neither a run directory (with checkpoints/) nor a checkpoint tag directory")
+        raise ExportError(f"{source} is neither a run directory (with checkpoints/, train.log or "
+                          ".hydra/) nor a checkpoint tag directory (with {MARKER})")
     ckpt_dir = tag_dir.parent
     run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
     return CheckpointSource(run_dir, ckpt_dir, tag_dir.name, _client_state(tag_dir))

@@ -153,7 +153,7 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         return ModelConfig(**{k: v for k, v in config["ava_config"].items() if k in known})
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     if kv_heads != heads:
-        raise ValueError(f"config.json: num_key_value_heads={kv_heads} != num_attention_heads={heads}; "
+        raise ValueError(f"num_key_value_heads={kv_heads} != num_attention_heads={heads}; "
                          "Ava's attention has no grouped-query attention, so this model cannot load")
     rope = config.get("rope_parameters") or {}
     return ModelConfig(

@@ -6,7 +6,6 @@ crash never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,16 +16,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from ava.files import apply_default_modes, sha256_file
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
@@ -90,6 +83,7 @@ def write_export_dir(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        apply_default_modes(tmp)  # mkdtemp made it private (0700); the export is meant to be shared
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

@@ -18,6 +18,8 @@ from ava.model import AvaForCausalLM
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS cannot be chosen before this many new tokens (transformers' rule)
+    stop_at_eos: bool = True  # False: go on past EOS (a document boundary) to max_new_tokens
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filter
@@ -30,6 +32,9 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise GenerationError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens="
+                                  f"{self.max_new_tokens}]")
         if self.do_sample and self.temperature <= 0:
             raise GenerationError(f"temperature={self.temperature} must be > 0 when sampling (or use greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -88,8 +93,9 @@ def generate_tokens(
     on_token: Optional[Callable[[int, int], None]] = None,
     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt. `on_token(row, token)` streams; `should_stop(row, new_tokens)`
-    ends a row early (stop strings are checked there on decoded text)."""
+    """New tokens for each prompt (EOS excluded when it ends a row; included where
+    `cfg.stop_at_eos` is off). `on_token(row, token)` streams; `should_stop(row, new_tokens)` ends
+    a row early (stop strings are checked there on decoded text)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("empty prompt: give at least one token of text to continue from")
     device = model.embed_tokens.weight.device
@@ -110,7 +116,12 @@ def generate_tokens(
             past = out.past_key_values
         else:
             out = model(ids, attention_mask=mask)
-        logits = process_logits(out.logits[:, -1], ids, mask, cfg)
+        logits = out.logits[:, -1]
+        if eos_id is not None and cfg.min_new_tokens:
+            early = torch.tensor([len(n) < cfg.min_new_tokens for n in new], device=device)
+            logits = logits.clone()
+            logits[early, eos_id] = -torch.inf
+        logits = process_logits(logits, ids, mask, cfg)
         if cfg.do_sample:
             next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -119,7 +130,7 @@ def generate_tokens(
         for row, tok in enumerate(next_ids.tolist()):
             if done[row]:
                 continue
-            if eos_id is not None and tok == eos_id:
+            if eos_id is not None and tok == eos_id and cfg.stop_at_eos:
                 done[row] = True
                 continue
             new[row].append(tok)

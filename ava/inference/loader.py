@@ -34,7 +34,9 @@ class LoadOptions:
     gpu_layers: Optional[int] = None
     fallback: bool = False
     quantize: Optional[str] = None  # None | "int8"
-    context_len: Optional[int] = None  # KV cache to plan for; default: the model's max_seq_len
+    # tokens per sequence (prompt + new) the KV cache is planned for; default: the generation
+    # defaults' max_new_tokens (`ava-generate` passes its longest prompt + --max-new-tokens)
+    context_len: Optional[int] = None
     batch_size: int = 1
     verify_checksums: bool = True
     generation: dict[str, Any] = field(default_factory=dict)  # defaults for GenerationConfig
@@ -51,6 +53,7 @@ class LoadedModel:
     dtype: torch.dtype
     quantized_bytes: Optional[tuple[int, int]] = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    planned_tokens: int = 0  # context_len x batch_size the KV cache estimate assumed
 
     @property
     def eos_id(self) -> Optional[int]:
@@ -70,10 +73,15 @@ class LoadedModel:
             raise GenerationError("empty prompt: give some text to continue from")
         cfg = GenerationConfig(**{**self.generation_defaults, **overrides})
         encoded = [self.tokenizer.encode(t).ids for t in texts]
+        needed = len(texts) * (max(map(len, encoded)) + cfg.max_new_tokens)
+        if needed > self.planned_tokens:
+            log.info("this request needs a KV cache for %d tokens, more than the %d the memory plan "
+                     "assumed: pass context_len (and batch_size) to load_model to plan for it",
+                     needed, self.planned_tokens)
         decoded = [""] * len(texts)
 
         def decode_new(row: int, tokens: list[int]) -> str:
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return decode_documents(self.tokenizer, tokens, self.eos_id)
 
         def should_stop(row: int, tokens: list[int]) -> bool:
             text = decode_new(row, tokens)
@@ -99,6 +107,21 @@ class LoadedModel:
         with torch.no_grad():
             logits = self.model(torch.tensor([[self.pad_id, self.pad_id]], device=device)).logits
         return logits.shape[-1] == self.model.cfg.vocab_size and bool(torch.isfinite(logits).all())
+
+
+DOCUMENT_BREAK = "\n\n"  # how an EOS inside generated text reads (training puts one after every document)
+
+
+def decode_documents(tokenizer: Tokenizer, tokens: list[int], eos_id: Optional[int]) -> str:
+    """Text of `tokens`; each EOS (generation went on past it) becomes a blank line."""
+    if eos_id is None or eos_id not in tokens:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+    pieces, start = [], 0
+    for i, tok in enumerate([*tokens, eos_id]):
+        if tok == eos_id:
+            pieces.append(tokenizer.decode(tokens[start:i], skip_special_tokens=True))
+            start = i + 1
+    return DOCUMENT_BREAK.join(pieces)
 
 
 def _move_inputs_hook(device: torch.device) -> Callable:
@@ -187,7 +210,7 @@ def load_model(path: Union[str, Path], **options: Any) -> LoadedModel:
         raise AvaInferenceError(f"quantize={opts.quantize!r} is not supported; expected None or 'int8'")
 
     cfg = export.config
-    context = opts.context_len or cfg.max_seq_len
+    context = min(opts.context_len or GenerationConfig(**opts.generation).max_new_tokens, cfg.max_seq_len)
     kv_per_layer = kv_cache_bytes(cfg, context, opts.batch_size, dtype) // cfg.num_layers
     sizes = _sizes(tensors, dtype, opts.quantize)
     gpus = tuple(d.name for d in devices() if d.name.startswith("cuda"))
@@ -201,10 +224,12 @@ def load_model(path: Union[str, Path], **options: Any) -> LoadedModel:
                 check_dtype(dtype, dev)
             model, quantized = _build(export, dict(tensors), dtype, plan, opts.quantize)
             loaded = LoadedModel(model, Tokenizer.from_file(str(export.path / "tokenizer.json")), export, plan,
-                                 dtype, quantized, dict(opts.generation))
+                                 dtype, quantized, dict(opts.generation), context * opts.batch_size)
             if not loaded.health_check():
                 raise AvaInferenceError(f"{export.path}: health check failed (non-finite logits after loading)")
-            log.info("loaded %s (%s layout, %s) — %s", export.path, export.layout, dtype, plan.describe())
+            log.info("loaded %s (%s layout, %s) — %s; the plan assumed a KV cache for %d tokens x batch %d "
+                     "(context_len; the model allows %d)", export.path, export.layout, dtype, plan.describe(),
+                     context, opts.batch_size, cfg.max_seq_len)
             return loaded
         except (torch.OutOfMemoryError, InsufficientMemoryError) as err:
             last_error = err

@@ -194,15 +194,22 @@ def _has_wandb_key() -> bool:
         return False
 
 
+WANDB_MODES_ACCEPTED = {"online": "online", "offline": "offline", "disabled": "disabled",
+                        "dryrun": "offline", "run": "online"}
+
+
 def wandb_mode(configured: Optional[str]) -> tuple[str, Optional[str]]:
     """(mode, note): `logger.mode`, else `WANDB_MODE`, else online with an API key, else offline
-    with a one-line note. Never a mode in which W&B would prompt for a key."""
+    with a one-line note. Never a mode in which W&B would prompt for a key. An empty WANDB_MODE
+    (as CI templates often export) counts as unset; an unknown one is named and logs offline."""
+    env = os.environ.get("WANDB_MODE") or None
     if configured:
         mode = configured
-    elif os.environ.get("WANDB_MODE"):
-        mode = os.environ["WANDB_MODE"]
-        if mode == "dryrun":
-            mode = "offline"
+    elif env:
+        mode = WANDB_MODES_ACCEPTED.get(env.strip().lower())
+        if mode is None:
+            return "offline", (f"W&B: WANDB_MODE={env!r} is not one of online, offline, disabled: "
+                               "logging offline")
     elif _has_wandb_key():
         return "online", None
     else:
@@ -237,6 +244,9 @@ class WandbSink:
         import wandb
 
         resolved, note = wandb_mode(mode)
+        # W&B validates WANDB_MODE itself (an empty or unknown value is a pydantic error): hand it
+        # the mode decided here, which also reaches its service process
+        os.environ["WANDB_MODE"] = resolved
         self._state_path = run_dir / self.STATE_FILE
         # a run that starts from step 0 (first launch, trainer.resume=never) is a new W&B run:
         # its steps must not be mistaken for ones an earlier attempt already sent
@@ -363,5 +373,8 @@ def build_sinks(logger_cfg: Any, run_dir: Path, *, max_steps: int, log_every: in
                                    config=redact(config, list(logger_cfg.redact_keys)),
                                    resumed=resumed))
         except Exception as exc:  # network, auth, disk: report and train on
-            log.warning("W&B disabled: %s: %s", type(exc).__name__, exc)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning("W&B disabled: it could not start (%s: %s); metrics still go to the console%s",
+                        type(exc).__name__, first,
+                        f" and {run_dir / 'metrics.jsonl'}" if logger_cfg.jsonl else "")
     return sinks

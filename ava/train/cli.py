@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     _TASK_ENTERED = True
     from hydra.core.hydra_config import HydraConfig
 
-    from ava.data import DataError
+    from ava.data import DataError, check_sources
     from ava.train.loop import Trainer, preflight
     from ava.train.signals import StopRequest
 
@@ -96,9 +96,10 @@ def train(cfg: DictConfig) -> Optional[float]:
         if isinstance(exc, OmegaConfBaseException):
             _fail(str(exc).splitlines()[0])
         raise
-    try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths
+    try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths, paths
         plan = preflight(typed, distributed.env_world_size())
-    except ConfigError as exc:
+        check_sources(typed.data)
+    except (ConfigError, DataError) as exc:
         _fail(str(exc))
     distributed.init_distributed(typed.trainer.dist_timeout_s)
     _configure_rank_logging()
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> Optional[float]:
                   str(exc).splitlines()[0][:300])
         sys.exit(1)
     if result.preempted:
-        sys.exit(0)  # a preempted sweep stops here too; the checkpoint is complete
+        sys.exit(result.exit_status)  # 130/143: stopped early, checkpoint complete; a sweep stops too
     return result.last_val_loss
 
 
@@ -131,7 +132,7 @@ def _rank_overrides(argv: List[str]) -> List[str]:
         if not any(a.startswith("hydra.output_subdir=") for a in argv):
             extra.append("hydra.output_subdir=null")
         if not any(a.startswith("hydra/job_logging=") for a in argv):
-            extra.append("hydra/job_logging=stdout")
+            extra.append("hydra/job_logging=ava_rank")
     return extra
 
 

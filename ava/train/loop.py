@@ -15,6 +15,7 @@ Expert, memory and timing metrics are added on log steps (`trainer.log_every`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 
 from ava.checkpoints import read_manifest
 from ava.config import AvaConfig, ConfigError
+from ava.files import atomic_write_text
 from ava.observe import Callback, CallbackList, StepOutput, Throughput, TrainState, build_sinks
 from ava.observe.experts import ExpertMonitor
 from ava.observe.memory import MemoryMonitor
@@ -54,6 +56,18 @@ class FitResult:
     last_val_loss: Optional[float]
     preempted: bool
     wall_s: float
+    exit_status: int = 0  # 130/143 when stopped early by SIGINT/SIGTERM
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, status: str, step: int, exit_status: int) -> None:
+    """`<run_dir>/status.json`: how the last attempt ended ("finished" or "stopped" early by a
+    signal), for schedulers (launch/slurm.sbatch requeues a stopped run) and people."""
+    record = {"status": status, "step": step, "exit_status": exit_status,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps(record) + "\n")
 
 
 def seed_everything(seed: int) -> None:
@@ -302,6 +316,8 @@ class Trainer:
                                      log_every=t.log_every, progress_bar=t.progress_bar,
                                      start_step=self.state.step, config=self.resolved_config)
             self.sinks += self._extra_sinks
+        if self.rank == 0:  # replaced at the end; left as is by a crash
+            write_status(self.run_dir, "running", self.state.step, 0)
         self.callbacks.on_train_start(self.state)
         throughput = Throughput(tokens_per_step)
         preempted = False
@@ -320,8 +336,12 @@ class Trainer:
                     if stop_all or (t.save_every and step % t.save_every == 0):
                         self._save()
                     if stop_all:
-                        log.warning("stopped by signal at step %d; checkpoint saved, exiting",
-                                    step)
+                        if self.rank == 0:  # before any rank exits: a launcher may kill the rest
+                            write_status(self.run_dir, "stopped", step, stop.exit_status)
+                        distributed.barrier()
+                        log.warning("stopped early at step %d (%s): checkpoint saved; exiting with "
+                                    "status %d, run the same command to continue", step,
+                                    stop.signal_name or "signal on another rank", stop.exit_status)
                         preempted = True
                         break
             if not preempted and t.save_at_end and self.last_saved != self.state.step:
@@ -331,10 +351,13 @@ class Trainer:
             for sink in self.sinks:
                 sink.close()
         wall = time.perf_counter() - start
+        exit_status = stop.exit_status if preempted else 0
         if self.rank == 0:
             self._summary(preempted, wall)
+            if not preempted:
+                write_status(self.run_dir, "finished", self.state.step, 0)
         return FitResult(self.run_dir, self.state.step, self.state.tokens_seen, self.first_val,
-                         self.last_val, preempted, wall)
+                         self.last_val, preempted, wall, exit_status)
 
     def _summary(self, preempted: bool, wall: float) -> None:
         """The run's last lines: how it ended and where everything is."""

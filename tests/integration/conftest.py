@@ -171,6 +171,9 @@ def extra_conf(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "data" / "itest.yaml").write_text(
         "defaults:\n  - base_data\n  - _self_\n\nname: itest\n"
         f"sources:\n  - path: '{corpus}'\n")
+    (root / "data" / "missing.yaml").write_text(  # a typo in a path (test_entry_point.py)
+        "defaults:\n  - base_data\n  - _self_\n\nname: missing\n"
+        f"sources:\n  - path: '{corpus.parent / 'no_such_dir' / 'corpus.txt'}'\n")
     return root
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import stat
+import subprocess
 
 import pytest
 
@@ -95,6 +99,54 @@ def test_torchrun_ranks_agree_on_one_run_dir(trainer, tmp_path):
                                                            "ava_rank_00001.pt"}
     assert (tag / "COMPLETE.json").is_file() and (run_dirs[0] / ".hydra").is_dir()
     assert (run_dirs[0] / "wandb").is_dir() and (run_dirs[0] / "wandb_state.json").is_file()
+    assert_shared_files_follow_the_umask(run_dirs[0])
+    log = (run_dirs[0] / "train.log").read_text()  # the preparation report is part of the run's log
+    assert f"data: 1 source(s): {trainer.corpus} (txt)" in log
+    assert "data validation: records read 400, kept 400, skipped 0" in log
+    assert json.loads((run_dirs[0] / "status.json").read_text())["status"] == "finished"
+
+
+def assert_shared_files_follow_the_umask(run_dir) -> None:
+    """What colleagues read from a run directory (checkpoints, tokenizer, logs, metrics) has the
+    modes a plain open() gives under this process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    shared = [run_dir / n for n in ("tokenizer.json", "train.log", "metrics.jsonl", "status.json")]
+    # DeepSpeed copies its conversion scripts (zero_to_fp32.py, ...) in as executables (u+x)
+    shared += [p for p in (run_dir / "checkpoints").rglob("*") if p.suffix != ".py"]
+    for path in shared:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == want, f"{path}: {oct(path.stat().st_mode)}"
+
+
+@pytest.mark.slow
+def test_a_missing_data_path_fails_before_any_process_group_on_stderr(trainer, tmp_path):
+    proc = subprocess.run(trainer.command([f"hydra.run.dir='{tmp_path / 'run'}'", "data=missing"], nproc=1,
+                                          launcher="python"), env=trainer.env(1), capture_output=True,
+                          text=True, timeout=120)
+    missing = trainer.corpus.parent / "no_such_dir" / "corpus.txt"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"error: data.sources[0]: {str(missing)!r} does not exist")
+    assert "error:" not in proc.stdout and "Traceback" not in proc.stderr
+    assert "process group:" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130_so_a_shell_chain_stops(trainer, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = trainer.start(run_dir, ["trainer.max_steps=100000", "trainer.save_every=0", "trainer.eval_every=0",
+                                   "trainer.decay_steps=1000"], nproc=1, launcher="python")
+    trainer.wait_for_steps(proc, run_dir, 3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-4000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped" and status["exit_status"] == 130
+    step = status["step"]
+    assert f"stopped early at step {step} (SIGINT): checkpoint saved; exiting with status 130" in output
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json").is_file()
+    assert "Traceback" not in output
 
 
 @pytest.mark.slow

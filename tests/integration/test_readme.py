@@ -90,6 +90,9 @@ COMMANDS: Dict[str, How] = {
         env={"OMP_NUM_THREADS": "1"}),
     "ava-bench ep --quick --out ep.json": How(covered_by="tests/integration/test_expert_parallel.py"),
     # --- Data
+    "ava-train data=files 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":
+        How(replace=("/data/corpus", "corpus"), extra=["experiment=smoke", *SHORT],
+            why="a JSONL corpus made by this test", expect="data: 1 source(s): "),
     "ava-train data=jsonl_example 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":
         How(replace=("/data/corpus", "corpus"), extra=["experiment=smoke", *SHORT],
             why="a JSONL corpus made by this test", expect="data: jsonl_example"),
@@ -103,6 +106,8 @@ COMMANDS: Dict[str, How] = {
         expect="The Python language"),
     "ava-generate exports/my-model --prompt def --prompt import --sample --temperature 0.8 "
     "--top-p 0.9 --seed 1": How(expect="import"),
+    "ava-generate exports/my-model --prompt 'The Python language' --min-new-tokens 40 --ignore-eos "
+    "--max-new-tokens 80": How(expect="The Python language"),
     "ava-generate --config infer.yaml --prompt Hello": How(expect="Hello"),
     # --- Performance: the same flags, fewer repeats where a flag allows
     "ava-bench moe --quick --out moe.json": How(

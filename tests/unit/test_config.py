@@ -6,6 +6,7 @@ from hydra.errors import ConfigCompositionException
 from ava.config import ConfigError, compose, conf_dir, model_preset, to_object
 
 GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+NEEDS_INPUT = {("data", "files"): ["data.sources=[{path: corpus.txt}]"]}  # "your files only"
 
 
 @pytest.mark.parametrize(
@@ -14,7 +15,11 @@ GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
 )
 def test_every_config_composes_and_validates(group, option):
     override = f"{group}={option}"
-    cfg = to_object(compose([override]))
+    needs = NEEDS_INPUT.get((group, option), [])
+    if needs:  # refused without the user's part, naming it, then valid with it
+        with pytest.raises(Exception, match="names no source"):
+            to_object(compose([override]))
+    cfg = to_object(compose([override, *needs]))
     assert cfg.model.hidden_size % cfg.model.num_heads == 0
 
 

@@ -3,6 +3,8 @@ torch.distributed code path (one gloo rank, in process)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 
 from ava.config import SourceConfig
-from ava.data import BlockLoader, DataError, prepare_data
+from ava.data import BlockLoader, DataError, DataValidationError, builtin, prepare_data
 from ava.data import prepare as prepare_module
+from ava.data.builtin import BuiltinCorpus
 
 
 @pytest.fixture
@@ -94,3 +97,37 @@ def test_single_rank_process_group(corpus, data_config, tmp_path):
                          model_vocab_size=512, progress=False)
     finally:
         dist.destroy_process_group()
+
+
+def test_strict_holds_when_a_non_strict_run_cached_the_data(tmp_path, data_config, documents):
+    """The cache is shared by strict and non-strict runs; a strict run that finds bad records
+    counted in the cached report stops with the exact message a fresh strict run gives."""
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": d}) for d in documents]
+    lines[4] = '{"text": "unterminated'
+    path.write_text("\n".join(lines) + "\n")
+    relaxed = prepare_data(data_config([SourceConfig(path=str(path))]), model_vocab_size=512, progress=False)
+    assert relaxed.report.skipped == {"malformed_json": 1}
+    with pytest.raises(DataValidationError) as fresh:  # no cache: the validator stops at line 5
+        prepare_data(data_config([SourceConfig(path=str(path))], strict=True,
+                                 cache_dir=str(tmp_path / "other")), model_vocab_size=512, progress=False)
+    with pytest.raises(DataValidationError) as cached:
+        prepare_data(data_config([SourceConfig(path=str(path))], strict=True), model_vocab_size=512,
+                     progress=False)
+    assert str(cached.value) == str(fresh.value)
+    assert str(fresh.value).startswith(f"{path}:5: malformed_json: ")
+
+
+def test_preparation_names_its_sources_and_warns_when_the_builtin_corpus_joins(
+        tmp_path, corpus, data_config, monkeypatch, caplog):
+    tiny = BuiltinCorpus("tiny_test", "1", lambda: [(f"tiny:{i}", f"Built-in document {i}.") for i in range(30)])
+    monkeypatch.setitem(builtin.CORPORA, "tiny_test", tiny)
+    cfg = data_config([SourceConfig(path=str(corpus))], builtin="tiny_test")
+    with caplog.at_level(logging.INFO, logger="ava.data"):
+        prepared = prepare_data(cfg, model_vocab_size=512, progress=False)
+    assert f"data: 2 source(s): builtin:tiny_test, {corpus} (txt)" in caplog.text
+    assert ("the built-in corpus 'tiny_test' is used as well as data.sources (data.builtin=tiny_test); "
+            "to train on your files only, use data=files") in caplog.text
+    assert prepared.report.read == 30 + len(corpus.read_text().split("\n\n"))
+    # the validation report reaches the log (and so a run's train.log), not only a console
+    assert f"data validation: records read {prepared.report.read}, kept {prepared.report.kept}" in caplog.text

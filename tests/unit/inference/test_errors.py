@@ -92,3 +92,16 @@ def test_gpu_layers_without_a_gpu_is_a_clear_error(ava_export):
         pytest.skip("this machine has a GPU; the CPU-only message does not apply")
     with pytest.raises(InsufficientMemoryError, match="gpu_layers=1 asked for, but no GPU is available here"):
         load_model(ava_export[0], gpu_layers=1)
+
+
+def test_a_config_json_refusal_names_the_file_once(mixtral_export, tmp_path):
+    path = _copy(mixtral_export[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("ava_config")  # read as a transformers Mixtral config
+    config["num_key_value_heads"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert message.startswith(f"{path / 'config.json'}: num_key_value_heads=2")
+    assert message.count("config.json") == 1

@@ -156,3 +156,19 @@ def test_wandb_step_stays_monotonic_after_a_rollback():
     sink._offset, sink._last = 0, 0
     # a repeated step (train metrics, then eval) shares its row; a rollback continues after it
     assert [sink._step(s) for s in (1, 2, 3, 3, 2, 3, 4)] == [1, 2, 3, 3, 4, 5, 6]
+
+
+def test_an_empty_wandb_mode_counts_as_unset_and_an_unknown_one_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "")  # what CI templates export
+    mode, note = wandb_mode(None)
+    assert mode == "offline" and note.startswith("W&B: no API key")
+    sink = WandbSink(tmp_path / "run", project="ava", entity=None, group=None, name=None, tags=[],
+                     mode=None, config={"a": 1}, resumed=False)  # W&B itself refused "" before
+    sink.log({"train/loss": 1.0}, 1)
+    sink.close()
+    assert sink.where.startswith("W&B run (offline): ")
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert wandb_mode(None) == ("offline", "W&B: WANDB_MODE='sometimes' is not one of online, offline, "
+                                           "disabled: logging offline")

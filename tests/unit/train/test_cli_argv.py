@@ -8,7 +8,7 @@ from hydra._internal.utils import get_args_parser
 
 from ava.train.cli import with_rank_overrides
 
-EXTRA = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+EXTRA = ["hydra.output_subdir=null", "hydra/job_logging=ava_rank"]
 
 
 @pytest.mark.parametrize("args", [
