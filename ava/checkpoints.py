@@ -14,12 +14,13 @@ directory can rewrite the manifest too, and DeepSpeed's own files are pickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
+
+from ava.files import sha256_file
 
 log = logging.getLogger("ava.checkpoints")
 
@@ -27,7 +28,6 @@ MARKER = "COMPLETE.json"
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 MANIFEST_FORMAT = 2  # 1: a bare list of file names (no sizes, no hashes)
-HASH_CHUNK = 1 << 20
 
 
 def tag_for(step: int) -> str:
@@ -51,11 +51,7 @@ def payload_files(tag_dir: Path) -> List[str]:
 
 def file_digest(path: Path) -> Dict[str, object]:
     """{"size", "sha256"} of one file."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
-            sha.update(chunk)
-    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def digest_files(tag_dir: Path, names: Iterable[str]) -> Dict[str, Dict[str, object]]:

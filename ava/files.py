@@ -48,13 +48,15 @@ def temp_path(path: Path) -> Path:
 
 def atomic_write(path: Union[str, Path], write: Callable[[Path], None], *, durable: bool = True) -> Path:
     """`write(tmp)` to a hidden sibling, then fsync and rename it over `path`: a reader sees the old
-    file or the whole new one, never a torn write. `durable` also fsyncs the directory."""
+    file or the whole new one, never a torn write. `durable` (the default) also makes it survive
+    a power loss: the file is fsynced before the rename and the directory after it."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

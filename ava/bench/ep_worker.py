@@ -32,8 +32,9 @@ def main() -> None:
     from ava.bench.train_bench import make_batch
     from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
     from ava.model.transformer import AvaForCausalLM
-    from ava.train.engine import build_engine, plan
+    from ava.train.engine import build_engine
     from ava.train.expert_parallel import implementation
+    from ava.train.plan import make_plan
 
     world = int(os.environ["WORLD_SIZE"])
     # by default what AutoEP computes (dropless, jitter-free top-k, SwiGLU); other models (e.g.
@@ -42,10 +43,10 @@ def main() -> None:
                                        "capacity_factor": None, **json.loads(args.overrides)})
     trainer = TrainerConfig(expert_parallel_size=args.ep, micro_batch_size=args.batch, precision="fp32",
                             optimizer_impl="torch", warmup_steps=0, max_steps=args.warmup + args.steps)
-    ds_config, impl = plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
+    plan = make_plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     torch.manual_seed(0)
-    engine = build_engine(AvaForCausalLM(cfg), trainer, ds_config, impl)
+    engine = build_engine(AvaForCausalLM(cfg), trainer, plan)
     rank = engine.global_rank
     samples, losses = [], []
     for step in range(args.warmup + args.steps):

@@ -68,7 +68,7 @@ def route(x_TH: torch.Tensor, router_EH: torch.Tensor, top_k: int) -> tuple[torc
 
 
 def ava_layer(w: MoEWeights, top_k: int, backend: str = "auto") -> nn.Module:
-    """Ava's `MoELayer` (SwiGLU, no bias, dropless, no jitter) loaded with `w`; returns `y_TH` only."""
+    """Ava's `MoELayer` (SwiGLU, no bias, dropless, no jitter) loaded with `w`."""
     e, h, i = w.shape
     cfg = ModelConfig(name="bench", vocab_size=256, hidden_size=h, num_layers=1, num_heads=1, ffn_size=i,
                       num_experts=e, top_k=top_k, norm="rmsnorm", activation="swiglu", bias=False,
@@ -78,7 +78,7 @@ def ava_layer(w: MoEWeights, top_k: int, backend: str = "auto") -> nn.Module:
         layer.router.gate.weight.copy_(w.router_EH)
         layer.experts.w_gate_up.copy_(torch.cat([w.gate_EHI, w.up_EHI], dim=2))
         layer.experts.w_down.copy_(w.down_EIH)
-    return _FirstOutput(layer)
+    return layer
 
 
 class _FirstOutput(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ava.bench.timing import Stopwatch
 from ava.config import ModelConfig, model_preset
-from ava.export.layouts import ava_to_mixtral, mixtral_incompatibilities
+from ava.hf.layouts import ava_to_mixtral, mixtral_incompatibilities
 from ava.model.transformer import IGNORE_INDEX, AvaForCausalLM
 
 # Dense bf16 peak tensor FLOP/s (no sparsity) by device-name substring; first match wins.
@@ -52,7 +52,7 @@ def hf_mixtral(cfg: ModelConfig, experts_implementation: str = "grouped_mm") -> 
 
 def load_ava_into_mixtral(ava: AvaForCausalLM, hf: nn.Module) -> None:
     """Copy Ava's weights into a transformers-5 Mixtral (fused `experts.gate_up_proj` [E, 2I, H],
-    gate then up; `experts.down_proj` [E, H, I]); names from `ava.export.layouts.ava_to_mixtral`."""
+    gate then up; `experts.down_proj` [E, H, I]); names from `ava.hf.layouts.ava_to_mixtral`."""
     cfg = ava.cfg
     state = ava.state_dict()
     target = hf.state_dict()

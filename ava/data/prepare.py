@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from ava import dist
 from ava.config import DataConfig
 from ava.data import cache
 from ava.data import tokenizer as tok
@@ -29,6 +30,7 @@ from ava.data.errors import DataError, DataSourceError, DataValidationError
 from ava.data.packing import TokenBlocks, token_dtype, tokenize, write_stream
 from ava.data.sources import Source, resolve_sources
 from ava.data.validate import ValidationReport, Validator
+from ava.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,6 @@ class _Output:
             self.say(f"data validation: {line}" if not line.startswith(" ") else line)
 
 
-def _dist_rank() -> Tuple[int, bool]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), True
-    return 0, False
-
-
 def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """(train, val) document indices, each sorted; deterministic given `seed`."""
     n_val = round(n * val_fraction)
@@ -104,7 +98,7 @@ def _keys(data_cfg: DataConfig, sources: List[Source], seed: int,
         path = Path(tcfg.path).expanduser().resolve()
         if not path.is_file():
             raise DataSourceError(f"data.tokenizer.path={tcfg.path!r} does not exist")
-        identity = {"path": str(path), "sha256": tok.file_sha256(path),
+        identity = {"path": str(path), "sha256": sha256_file(path),
                     "eos": tcfg.eos_token, "pad": tcfg.pad_token}
     else:
         size = tok.target_vocab_size(tcfg, model_vocab_size)
@@ -299,7 +293,7 @@ def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 123
     `model_vocab_size`. Under `torch.distributed`, every rank must call it.
     """
     start = time.perf_counter()
-    rank, distributed = _dist_rank()
+    rank = dist.rank()
     out = _Output(progress and rank == 0)
     final: Optional[Path] = None
     failure: Optional[BaseException] = None
@@ -308,13 +302,10 @@ def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 123
             final = _prepare_rank0(data_cfg, model_vocab_size, seed, out)
         except Exception as exc:  # forwarded to the other ranks before re-raising
             failure = exc
-    if distributed:
-        import torch.distributed as dist
-
+    if dist.world_size() > 1:
         dist.barrier()
-        shared = [str(final) if final else None,
-                  f"{type(failure).__name__}: {failure}" if failure else None]
-        dist.broadcast_object_list(shared, src=0)
+        shared = dist.broadcast_object([str(final) if final else None,
+                                        f"{type(failure).__name__}: {failure}" if failure else None])
         if rank != 0:
             if shared[1] is not None:
                 raise DataError(f"rank 0 failed to prepare the data: {shared[1]}")

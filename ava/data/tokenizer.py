@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ava.config import TokenizerConfig
 from ava.data.errors import DataSourceError, TokenizerMismatchError
+from ava.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
                               "data.tokenizer.path") from exc
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def training_key(cfg: TokenizerConfig, vocab_size: int, corpus_key: str) -> str:
     """Cache key of a trained tokenizer: the training corpus and every training setting."""
     settings = {"corpus": corpus_key, "vocab_size": vocab_size,
@@ -107,8 +99,6 @@ def train_tokenizer(texts: Iterable[List[str]], *, cfg: TokenizerConfig, vocab_s
 
 
 def save_atomic(tokenizer: Tokenizer, path: Path) -> None:
-    """Write via a temporary file and rename, so a half-written file is never loaded."""
+    """Written atomically, so a half-written file is never loaded."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))

@@ -19,8 +19,8 @@ from ava.checkpoints import MARKER, newest_intact, verify
 from ava.config import ModelConfig
 from ava.export.card import model_card
 from ava.export.consolidate import consolidate
-from ava.export.layouts import ava_to_mixtral, hf_config, resolve_layout
 from ava.export.writer import write_export_dir
+from ava.hf.layouts import ava_to_mixtral, hf_config, resolve_layout
 from ava.model import AvaForCausalLM
 
 log = logging.getLogger("ava.export")

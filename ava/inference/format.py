@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 from ava.config import ConfigError, ModelConfig
-from ava.export.layouts import mixtral_to_ava, model_config_from_hf
-from ava.export.writer import INDEX_NAME, SINGLE_NAME, sha256_file
+from ava.files import sha256_file
+from ava.hf.layouts import mixtral_to_ava, model_config_from_hf
+from ava.hf.shards import INDEX_NAME, SINGLE_NAME
 from ava.inference.errors import CheckpointFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

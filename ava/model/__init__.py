@@ -1,4 +1,4 @@
-"""Ava's MoE transformer in plain PyTorch (no DeepSpeed, no I/O)."""
+"""Ava's MoE transformer in plain PyTorch (no sharding, no I/O)."""
 
 from ava.model.moe import MoELayer, RouterStats
 from ava.model.transformer import AvaForCausalLM, AvaOutput

@@ -52,8 +52,8 @@ class Experts(nn.Module):
     """E expert FFNs: `gelu` (w1 [E,H,I], b1 [E,I], w2 [E,I,H], b2 [E,H]) or `swiglu` (no biases).
 
     SwiGLU stores gate and up fused, `w_gate_up [E,H,2I]` (the first I columns the gate, the last
-    I the up projection), and `w_down [E,I,H]`: one GEMM computes both, and it is the layout
-    DeepSpeed's AutoEP takes as a fused gate+up expert tensor ("hidden_first").
+    I the up projection), and `w_down [E,I,H]`: one GEMM computes both, and expert-parallel
+    engines can take the fused tensor as it is ("hidden_first").
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

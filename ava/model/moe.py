@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,50 +11,8 @@ from ava.config import ModelConfig
 from ava.model.capacity import Assignment, apply_capacity, capacity_for
 from ava.model.expert_loop import expert_loop
 from ava.model.experts import DenseFFN, Experts, resolve_backend
-from ava.model.losses import entropy, gini, load_balancing_loss, routed_counts, router_z_loss
 from ava.model.router import Router, choose_experts
-
-
-@dataclass
-class RouterStats:
-    """Per-layer routing health, detached, on device (the caller decides when to sync).
-
-    `tokens_per_expert` counts the router's choices before capacity, so a collapsing router
-    shows in Gini/entropy even when capacity hides it; `dropped_fraction` shows what capacity cut.
-    """
-
-    tokens_per_expert: torch.Tensor
-    dropped_fraction: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    gini: torch.Tensor
-    entropy: torch.Tensor
-
-
-def router_stats(logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_TK: torch.Tensor,
-                 dropped_fraction: torch.Tensor, num_experts: int) -> RouterStats:
-    """The stats (and the aux/z losses, which keep their graph) of one routing decision."""
-    counts_E = routed_counts(expert_TK, num_experts)
-    return RouterStats(
-        tokens_per_expert=counts_E,
-        dropped_fraction=dropped_fraction.detach(),
-        aux_loss=load_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK),
-        z_loss=router_z_loss(logits_TE=logits_TE),
-        gini=gini(counts_E),
-        entropy=entropy(counts_E),
-    )
-
-
-def expert_parallel_stats(layer: nn.Module, x_BLH: torch.Tensor) -> RouterStats:
-    """Stats and losses for a layer that DeepSpeed's AutoEP put in place of a `MoELayer`
-    (`trainer.expert_parallel_size` > 1): it returns its output alone, so its gate is applied
-    again here (a `[T, E]` product) with the softmax → top-k it routes by. Ava allows AutoEP
-    only for dropless, jitter-free top-k routing, so these equal the replaced layer's."""
-    x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
-    logits_TE = layer.router.gate(x_TH)
-    probs_TE, expert_TK, _ = choose_experts(logits_TE, top_k=layer.top_k, routing="topk", sinkhorn_iters=0,
-                                            training=layer.training)
-    return router_stats(logits_TE, probs_TE, expert_TK, logits_TE.new_zeros(()), layer.num_experts)
+from ava.model.routing_stats import RouterStats, RoutingCollector, router_stats
 
 
 class _Dispatch(torch.autograd.Function):
@@ -173,15 +130,21 @@ def add_residual(y_TH: torch.Tensor, x_TH: torch.Tensor, assignment: Assignment,
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Route, run the experts, combine. Returns the output tensor alone; its routing statistics
+    and balance losses go to the model's `RoutingCollector` under this layer's index."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0, collector: Optional[RoutingCollector] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_index = layer_index
+        self.collector = collector if collector is not None else RoutingCollector()  # standalone: its own
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         self.residual = DenseFFN(cfg) if cfg.overflow == "residual" else None
 
-    def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training)
+        self.collector.record(self.layer_index, stats)
         y_TH = dispatch_combine(x_TH, assignment, self.experts)
-        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH), stats
+        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH)

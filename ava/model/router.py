@@ -16,11 +16,6 @@ class Router(nn.Module):
         self.jitter = cfg.router_jitter
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
 
-    @property
-    def weight(self) -> nn.Parameter:
-        """The gate's `[E, H]` matrix, where DeepSpeed's AutoEP looks for a router's weight."""
-        return self.gate.weight
-
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TH).uniform_(1.0 - self.jitter, 1.0 + self.jitter)

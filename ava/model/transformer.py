@@ -1,6 +1,6 @@
 """`AvaForCausalLM`: pre-norm MoE transformer blocks, tied embeddings, causal LM loss.
 
-Single-device PyTorch: no DeepSpeed, no I/O. Sharding and precision are the trainer's business.
+Single-device PyTorch, no I/O. Sharding and precision are the trainer's business.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from ava.config import ModelConfig
 from ava.model.attention import CausalSelfAttention, KVCache
 from ava.model.experts import depth_scaled_std, init_experts
-from ava.model.moe import MoELayer, RouterStats, expert_parallel_stats
+from ava.model.moe import MoELayer
 from ava.model.rope import RotaryEmbedding
+from ava.model.routing_stats import RouterStats, RoutingCollector
 
 IGNORE_INDEX = -100
 
@@ -31,12 +32,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """`x + Attn(Norm(x))`, then `x + MoE(Norm(x))`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, collector: RoutingCollector) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.moe_norm = make_norm(cfg)
-        self.moe = MoELayer(cfg)
+        self.moe = MoELayer(cfg, layer_index, collector)
 
     def forward(
         self,
@@ -45,15 +46,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         key_valid: Optional[torch.Tensor] = None,
         past_kv: Optional[KVCache] = None,
-    ) -> tuple[torch.Tensor, RouterStats, KVCache]:
+    ) -> tuple[torch.Tensor, KVCache]:
         a, kv = self.attn(self.attn_norm(x), cos, sin, key_valid, past_kv)
         x = x + a
-        h = self.moe_norm(x)
-        out = self.moe(h)
-        if isinstance(out, torch.Tensor):  # DeepSpeed AutoEP's layer replaced the MoELayer
-            return x + out, expert_parallel_stats(self.moe, h), kv
-        m, stats = out
-        return x + m, stats, kv
+        return x + self.moe(self.moe_norm(x)), kv
 
 
 @dataclass
@@ -73,7 +69,8 @@ class AvaForCausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.routing = RoutingCollector()  # fed by every MoE layer in its forward
+        self.layers = nn.ModuleList(Block(cfg, i, self.routing) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -122,18 +119,18 @@ class AvaForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids)
 
         x = self.embed_tokens(input_ids)
-        stats: list[RouterStats] = []
         cache: list[KVCache] = []
         use_ckpt = self.cfg.activation_checkpointing and self.training and not use_cache
+        self.routing.begin()
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             if use_ckpt:
-                x, s, kv = checkpoint(layer, x, cos, sin, attention_mask, past, use_reentrant=False)
+                x, kv = checkpoint(layer, x, cos, sin, attention_mask, past, use_reentrant=False)
             else:
-                x, s, kv = layer(x, cos, sin, attention_mask, past)
-            stats.append(s)
+                x, kv = layer(x, cos, sin, attention_mask, past)
             if use_cache:
                 cache.append(kv)
+        stats = self.routing.take(list(range(self.cfg.num_layers)))
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)

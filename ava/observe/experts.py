@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ava.dist import all_reduce_sum
 from ava.model.losses import entropy, gini
 from ava.observe.callbacks import Callback, StepOutput, TrainState
 
@@ -22,13 +23,6 @@ log = logging.getLogger("ava.train")
 def max_gini(num_experts: int, top_k: int) -> float:
     """Gini when top-k routing sends every token to the same k experts: (E - k) / E."""
     return max(num_experts - top_k, 0) / num_experts if num_experts else 0.0
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 class ExpertMonitor(Callback):
@@ -81,7 +75,7 @@ class ExpertMonitor(Callback):
         packed = torch.cat([self.window, alive, self.extras,
                             torch.full((self.num_layers, 1), float(self.micro_batches),
                                        device=self.device)], dim=1)
-        _all_reduce_sum(packed)
+        all_reduce_sum(packed)
         packed = packed.cpu()  # the one host sync, on log steps only
         E = self.num_experts
         counts, alive_any, extras, micro = (packed[:, :E], packed[:, E:2 * E],

@@ -9,12 +9,18 @@ from typing import Dict, Optional
 
 import torch
 
+from ava.observe.callbacks import Callback, StepOutput, TrainState
+
 log = logging.getLogger("ava.train")
 
 GB = 1024**3
 
 
-class MemoryMonitor:
+class MemoryMonitor(Callback):
+    """Adds a reading to the metrics of every log step."""
+
+    name = "memory"
+
     def __init__(self, warn_fraction: float, device: Optional[torch.device] = None) -> None:
         import psutil
 
@@ -23,6 +29,10 @@ class MemoryMonitor:
         self.total_host = psutil.virtual_memory().total
         self.device = device if device is not None and device.type == "cuda" else None
         self._warned: Dict[str, bool] = {}
+
+    def post_step(self, state: TrainState, output: StepOutput) -> None:
+        if output.log_step:
+            output.metrics.update(self.sample())
 
     def sample(self) -> Dict[str, float]:
         """One reading (cheap: no device sync; CUDA counters are host-side)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, Optional
 
+from ava.observe.callbacks import Callback, StepOutput, TrainState
+
 
 class Throughput:
     def __init__(self, tokens_per_step: int, smoothing: float = 0.9) -> None:
@@ -111,3 +113,26 @@ def flops_metrics(flops_per_token: float, tokens_per_s_per_device: float,
     if peak:
         metrics["perf/mfu"] = achieved / peak
     return metrics
+
+
+class ThroughputMonitor(Callback):
+    """Tokens/s (smoothed), ETA, and on log steps achieved TFLOP/s and MFU, from the step time the
+    loop measured (`perf/step_time_s`)."""
+
+    name = "throughput"
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float,
+                 peak_tflops_per_device: Optional[float]) -> None:
+        self.throughput = Throughput(tokens_per_step)
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops_per_device
+
+    def post_step(self, state: TrainState, output: StepOutput) -> None:
+        t = self.throughput
+        t.update(output.metrics["perf/step_time_s"])
+        per_device = t.tokens_per_s / state.world_size
+        output.metrics.update({"perf/tokens_per_s": t.tokens_per_s,
+                               "perf/tokens_per_s_per_device": per_device,
+                               "perf/eta_s": t.eta_s(state.max_steps - state.step)})
+        if output.log_step:
+            output.metrics.update(flops_metrics(self.flops_per_token, per_device, self.peak))

@@ -9,7 +9,7 @@ Layout of `<run_dir>/checkpoints/`:
 
 A save: every rank writes its files and flushes them to stable storage (`syncfs`); barrier;
 the file list is split across the ranks, each hashes its share; rank 0 gathers the digests
-and writes the manifest atomically (temp file, fsync, rename, directory fsync); then `latest`.
+and writes the manifest atomically (`ava.files.atomic_write_text`); then `latest`.
 DeepSpeed writes its own `latest` without a barrier or an atomic rename, so Ava passes
 `save_latest=False` and never trusts it. Resume (`trainer.resume=auto`) and rollback take the
 newest tag that has a manifest and matches it; incomplete and corrupt tags are skipped with a
@@ -20,7 +20,6 @@ rank 0 decides which tag and broadcasts it.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ava import dist
 from ava.checkpoints import (
     LATEST,
     MANIFEST_FORMAT,
@@ -47,32 +47,13 @@ from ava.checkpoints import (
     verify,
 )
 from ava.config import ConfigError
-from ava.train import distributed
+from ava.files import atomic_write, atomic_write_text
 
 log = logging.getLogger("ava.train")
 
 
 def rank_state_name(rank: int) -> str:
     return f"ava_rank_{rank:05d}.pt"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write temp, fsync, rename, fsync the directory: after a crash the file is either the old
-    one or the whole new one, never a torn write."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some FUSE / object-store mounts cannot fsync a directory
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 def sync_filesystem(path: Path) -> None:
@@ -127,8 +108,8 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.verify_hashes = verify_hashes
-        self.rank = distributed.rank()
-        self.world_size = distributed.world_size()
+        self.rank = dist.rank()
+        self.world_size = dist.world_size()
 
     # ---- save ----
     def save(self, engine: Any, step: int, client_state: Dict[str, Any],
@@ -146,33 +127,32 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # a stale, interrupted save of the same step
                 shutil.rmtree(tag_dir)
-        distributed.barrier()
+        dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state,
                                save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
         path = tag_dir / rank_state_name(self.rank)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(rank_state, tmp)
-        os.replace(tmp, path)
+        # durability comes from the syncfs below, which covers every file of the tag
+        atomic_write(path, lambda tmp: torch.save(rank_state, tmp), durable=False)
         if files_written is not None:
             files_written(step)
         # flush this node's writes (its own shards) to stable storage: on a network file system
         # only the writing node can, and the manifest must never outlive its files
         sync_filesystem(tag_dir)
-        distributed.barrier()  # every rank's files are on disk past this point
-        names = distributed.broadcast_object(payload_files(tag_dir) if self.rank == 0 else None)
+        dist.barrier()  # every rank's files are on disk past this point
+        names = dist.broadcast_object(payload_files(tag_dir) if self.rank == 0 else None)
         mine = digest_files(tag_dir, names[self.rank::self.world_size])
-        digests = distributed.all_gather_object(mine)
+        digests = dist.all_gather_object(mine)
         if self.rank == 0:
             files = {name: d for part in digests for name, d in part.items()}
             manifest = {"format": MANIFEST_FORMAT, "tag": tag, "step": step,
                         "world_size": self.world_size,
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         **(meta or {}), "files": dict(sorted(files.items()))}
-            _atomic_write(tag_dir / MARKER, json.dumps(manifest, indent=1) + "\n")
-            _atomic_write(self.dir / LATEST, tag)
+            atomic_write_text(tag_dir / MARKER, json.dumps(manifest, indent=1) + "\n")
+            atomic_write_text(self.dir / LATEST, tag)
             self.prune(step)
-        distributed.barrier()
+        dist.barrier()
         log.info("saved checkpoint %s (%.1fs)", tag_dir, time.perf_counter() - start)
         return tag_dir
 
@@ -197,7 +177,7 @@ class CheckpointManager:
                 chosen = str(found) if found else None
             except ConfigError as exc:
                 error = str(exc)
-        chosen, error = distributed.broadcast_object((chosen, error))
+        chosen, error = dist.broadcast_object((chosen, error))
         if error:
             raise ConfigError(error)
         return Path(chosen) if chosen else None
@@ -209,7 +189,7 @@ class CheckpointManager:
         if self.rank == 0:
             found, _ = newest_intact(self.dir, max_step=max_step, hashes=self.verify_hashes)
             chosen = str(found) if found else None
-        chosen = distributed.broadcast_object(chosen)
+        chosen = dist.broadcast_object(chosen)
         return Path(chosen) if chosen else None
 
     def _newest(self, ckpt_dir: Path, spec: str) -> Optional[Path]:

@@ -22,6 +22,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from ava import dist
 from ava.config import ConfigError, conf_dir, register_configs
 from ava.train import distributed, rundir
 
@@ -30,7 +31,7 @@ log = logging.getLogger("ava.train")
 
 def _configure_rank_logging() -> None:
     """Rank 0 logs at INFO; the other ranks only warnings and errors."""
-    level = logging.INFO if distributed.rank() == 0 else logging.WARNING
+    level = logging.INFO if dist.rank() == 0 else logging.WARNING
     logging.getLogger("ava").setLevel(level)
 
 
@@ -75,7 +76,10 @@ def train(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
     from ava.data import DataError, check_sources
-    from ava.train.loop import Trainer, preflight
+    from ava.train.ds_compat import check_deepspeed
+    from ava.train.loop import fit
+    from ava.train.plan import make_plan
+    from ava.train.run import build_run
     from ava.train.signals import StopRequest
 
     unknown = _unknown_keys(cfg)
@@ -97,7 +101,8 @@ def train(cfg: DictConfig) -> Optional[float]:
             _fail(str(exc).splitlines()[0])
         raise
     try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths, paths
-        plan = preflight(typed, distributed.env_world_size())
+        check_deepspeed()
+        plan = make_plan(typed.trainer, typed.deepspeed, typed.model, dist.env_world_size())
         check_sources(typed.data)
     except (ConfigError, DataError) as exc:
         _fail(str(exc))
@@ -109,8 +114,7 @@ def train(cfg: DictConfig) -> Optional[float]:
         # the handler is up before data preparation and stays up through the final save: a
         # SIGTERM at any point stops the run at the next step boundary, with a checkpoint
         with StopRequest() as stop:
-            result = Trainer(typed, run_dir, resolved_config=resolved, stop=stop,
-                             plan=plan).fit()
+            result = fit(build_run(typed, run_dir, plan=plan, resolved_config=resolved, stop=stop))
     except (ConfigError, DataError) as exc:
         _fail(str(exc))
     except RuntimeError as exc:
@@ -128,7 +132,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 def _rank_overrides(argv: List[str]) -> List[str]:
     """Non-zero ranks: no `.hydra/` copy and no log file of their own in the shared run dir."""
     extra = []
-    if distributed.env_rank() != 0:
+    if dist.env_rank() != 0:
         if not any(a.startswith("hydra.output_subdir=") for a in argv):
             extra.append("hydra.output_subdir=null")
         if not any(a.startswith("hydra/job_logging=") for a in argv):

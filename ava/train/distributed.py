@@ -1,4 +1,5 @@
-"""Process-group setup that works under the `deepspeed` launcher, `torchrun` and a plain process.
+"""The process group's life: created under the `deepspeed` launcher, `torchrun` or a plain process,
+and ended without interpreter finalization. (Rank, barrier and broadcast: `ava.dist`.)
 
 The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain
 `python -m ava.train` gets single-process defaults (a free local port). The backend is NCCL
@@ -16,9 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Optional
 
-import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
+
+from ava.dist import barrier, env_rank, env_world_size, rank, world_size
 
 log = logging.getLogger("ava.train")
 
@@ -41,14 +43,6 @@ def strip_local_rank(argv: List[str]) -> List[str]:
         out.append(arg)
         i += 1
     return out
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_port() -> int:
@@ -134,11 +128,11 @@ def shutdown_and_exit(code: int) -> None:
     """The end of a process that joined a process group (returns only if it never did): it
     flushes its logs and exits without interpreter finalization. Finalization with gloo's
     threads still around (the process group, the launcher's store hosted by rank 0 under the
-    deepspeed launcher) made a rank abort with `terminate called without an active exception`
-    in ~1 of 12 two-rank runs here, turning a finished run (exit 0) or a clear refusal (exit 2)
-    into a SIGABRT. After a success every rank first waits for the others and tears the group
-    down; after a failure it does neither, because a failing rank must never wait for a peer
-    that may not come. Training state is on disk and the W&B run finished before this point."""
+    deepspeed launcher) can make a rank abort with `terminate called without an active
+    exception`, turning a finished run or a clear refusal into a SIGABRT. After a success every
+    rank first waits for the others and tears the group down; after a failure it does neither,
+    because a failing rank must never wait for a peer that may not come. Training state is on
+    disk and the W&B run finished before this point."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if code == 0:
@@ -156,7 +150,7 @@ SHM_DIR = Path("/dev/shm")
 
 def release_shm_segment() -> None:
     """Unlink this rank's segment of DeepSpeed's CPU shared-memory all-reduce. DeepSpeed creates
-    one per rank when the backend starts (~69 MB, named by uid, master address, port and rank)
+    one per rank when the backend starts (named by uid, master address, port and rank)
     and never unlinks it, so every multi-rank CPU run would leave them in RAM. Once every rank
     has mapped every segment the names are not needed; the memory is freed at process exit."""
     name = (f"{SHM_SEGMENT_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
@@ -175,54 +169,3 @@ def is_lost_peer_error(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in LOST_PEER_SIGNS)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from rank `src` on every rank (identity without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj: Any) -> List[Any]:
-    """`obj` of every rank, in rank order, on every rank (`[obj]` without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place SUM across ranks (gloo has no AVG); returns `tensor`."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-
-
-def maybe_int(value: Optional[str]) -> Optional[int]:
-    return None if value in (None, "") else int(value)

@@ -107,6 +107,14 @@ def build_ds_config(trainer: TrainerConfig, deepspeed_cfg: DeepSpeedConfig, *,
             "lr": trainer.lr, "betas": [trainer.adam_beta1, trainer.adam_beta2],
             "eps": trainer.adam_eps, "weight_decay": trainer.weight_decay}}
     config = deep_merge(config, dict(deepspeed_cfg.overrides))
+    for mode in ("bf16", "fp16"):
+        # the loop, the health monitor (fp16 overflows) and the log follow trainer.precision
+        enabled = bool((config.get(mode) or {}).get("enabled"))
+        if enabled != (trainer.precision == mode):
+            raise ConfigError(
+                f"deepspeed.overrides sets {mode}.enabled={str(enabled).lower()}: the precision is "
+                f"chosen with trainer.precision (fp32, bf16 or fp16; now {trainer.precision}): use "
+                f"trainer.precision={mode if enabled else 'fp32'} instead")
     train = config.get("train_batch_size")
     micro_o = config.get("train_micro_batch_size_per_gpu")
     accum_o = config.get("gradient_accumulation_steps")

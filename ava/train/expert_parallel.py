@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from ava.config import ConfigError, ModelConfig
+from ava.train.autoep import GATE_ALIAS
 
 MOE_LAYER_PATTERN = r"layers\.\d+\.moe"  # full module names of Ava's MoE layers
 
@@ -59,7 +60,7 @@ def autoep_section(model: ModelConfig, ep: int) -> Dict[str, Any]:
         "enabled": True,
         "autoep_size": ep,
         "moe_layer_pattern": MOE_LAYER_PATTERN,
-        "router_pattern": "router",
+        "router_pattern": GATE_ALIAS,
         "expert_pattern": "experts",
         "expert_w1": "w_gate_up",
         "expert_w2": "w_down",

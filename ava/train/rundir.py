@@ -9,13 +9,17 @@ final output directory, which all ranks then use: that holds even for a user's o
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
+from ava import dist
+from ava.files import atomic_write_text
 from ava.train import distributed
 
 RUN_TIME_ENV = "AVA_RUN_TIME"  # ISO time, e.g. 2025-01-31T12:00:00
@@ -32,7 +36,7 @@ def agree_on_launch_time() -> datetime:
     now = datetime.now().replace(microsecond=0).isoformat()
     if distributed.is_multiprocess_launch():
         store = distributed.launch_store()
-        if distributed.env_rank() == 0:
+        if dist.env_rank() == 0:
             store.set(LAUNCH_TIME_KEY, now)
         now = store.get(LAUNCH_TIME_KEY).decode()
     return datetime.fromisoformat(now)
@@ -46,9 +50,20 @@ def register_time_resolver(launch_time: datetime) -> None:
 
 def agree_on_run_dir(local_dir: Optional[str]) -> Path:
     """Rank 0's run directory on every rank, created."""
-    chosen = distributed.broadcast_object(str(Path(local_dir or ".").resolve()))
+    chosen = dist.broadcast_object(str(Path(local_dir or ".").resolve()))
     path = Path(chosen)
-    if distributed.rank() == 0:
+    if dist.rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    dist.barrier()
     return path
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, status: str, step: int, exit_status: int) -> None:
+    """`<run_dir>/status.json`: how the last attempt ended ("finished" or "stopped" early by a
+    signal), for schedulers (launch/slurm.sbatch requeues a stopped run) and people."""
+    record = {"status": status, "step": step, "exit_status": exit_status,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps(record) + "\n")

@@ -33,7 +33,7 @@ from torch import nn
 
 from ava.config import ConfigError, ModelConfig
 from ava.model.expert_loop import gelu_forward, swiglu_forward
-from ava.model.moe import MoELayer, RouterStats, add_residual, route, slot_order
+from ava.model.moe import MoELayer, add_residual, route, slot_order
 from ava.model.transformer import AvaForCausalLM
 
 
@@ -62,6 +62,7 @@ class ShardedMoELayer(MoE):
         nn.Module.__init__(self)  # not MoE.__init__: it builds DeepSpeed's own gate and dispatcher
         cfg: ModelConfig = layer.cfg
         self.cfg, self.router, self.residual = cfg, layer.router, layer.residual
+        self.layer_index, self.collector = layer.layer_index, layer.collector
         # the attributes DeepSpeed's engine and checkpoint code read from an MoE layer
         self.ep_size, self.num_experts = ep, cfg.num_experts
         self.num_local_experts = cfg.num_experts // ep
@@ -95,9 +96,10 @@ class ShardedMoELayer(MoE):
                               f"expert-parallel rank {rank}, but its experts were taken for rank {self.ep_rank}")
         self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
 
-    def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:  # type: ignore[override]
+    def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training)
+        self.collector.record(self.layer_index, stats)
         num_experts, top_k = self.num_experts, assignment.expert_TK.shape[1]
         key_A, order_S = slot_order(assignment, num_experts)
         order_S = order_S[:int((key_A < num_experts).sum())]  # kept slots by expert; dropped ones stay home
@@ -109,7 +111,7 @@ class ShardedMoELayer(MoE):
         y_SH = _AllToAllV.apply(self.ep_group, y_RH, plan.output_splits, plan.input_splits)
         weight_S = assignment.weight_TK.reshape(-1)[order_S]
         y_TH = torch.zeros_like(x_TH).index_add(0, token_S, y_SH * weight_S[:, None].to(y_SH.dtype))
-        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH), stats
+        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH)
 
     def _run_local_experts(self, x_RH: torch.Tensor, counts_SL: torch.Tensor) -> torch.Tensor:
         """Received rows come grouped by source rank, then by local expert (`counts_SL`); each

@@ -18,7 +18,8 @@ import torch
 from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
 from ava.model.transformer import AvaForCausalLM
 from ava.train.distributed import shutdown_and_exit
-from ava.train.engine import build_engine, plan
+from ava.train.engine import build_engine
+from ava.train.plan import make_plan
 
 STEPS = 3
 
@@ -30,7 +31,7 @@ def main() -> None:
     cfg = model_preset("nano", top_k=2, **models[sys.argv[3]])
     trainer = TrainerConfig(expert_parallel_size=ep, micro_batch_size=2, optimizer_impl="torch",
                             precision="fp32", lr=1e-3, warmup_steps=0, max_steps=STEPS)
-    ds_config, impl = plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
+    plan = make_plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -41,7 +42,7 @@ def main() -> None:
         for layer in model.layers:
             layer.moe.router.gate.weight.zero_()
             layer.moe.router.gate.weight[:2, 0] = 1.0
-    engine = build_engine(model, trainer, ds_config, impl)
+    engine = build_engine(model, trainer, plan)
     rank = engine.global_rank
     gen = torch.Generator().manual_seed(rank)
     losses, counts = [], None

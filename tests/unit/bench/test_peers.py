@@ -49,9 +49,9 @@ def test_router_and_expert_gradients_match_the_naive_loop():
     ava, naive = peers.ava_layer(w, 2), peers.NaiveMoE(w, 2)
     _run(ava, x, grad)
     _run(naive, x, grad)
-    ex = ava.inner.experts
+    ex = ava.experts
     grad_gate, grad_up = ex.w_gate_up.grad.chunk(2, dim=-1)
-    pairs = {"router": (ava.inner.router.gate.weight.grad, naive.router.grad), "gate": (grad_gate, naive.gate.grad),
+    pairs = {"router": (ava.router.gate.weight.grad, naive.router.grad), "gate": (grad_gate, naive.gate.grad),
              "up": (grad_up, naive.up.grad), "down": (ex.w_down.grad, naive.down.grad)}
     for name, (a, b) in pairs.items():
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL, msg=name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ava.export import ExportError, export_state_dict
-from ava.export.writer import sha256_file
+from ava.files import sha256_file
 from ava.inference import load_model
 
 from .conftest import MIXTRAL_LIKE, make_model

@@ -15,8 +15,8 @@ from ava.model.losses import entropy, gini
 from ava.observe import JsonlSink, StepOutput, TrainState
 from ava.observe.experts import ExpertMonitor, max_gini
 from ava.observe.memory import MemoryMonitor
-from ava.observe.sinks import WandbSink, redact, send_event, wandb_mode
 from ava.observe.throughput import StepTimer, device_peak_tflops, flops_metrics, peak_tflops
+from ava.observe.wandb_sink import WandbSink, redact, wandb_mode
 
 
 @pytest.mark.parametrize("experts", [2, 4, 8])
@@ -116,8 +116,8 @@ def test_memory_monitor_reports_host_and_warns_once(caplog):
 
 def test_jsonl_sink_writes_metrics_and_events(tmp_path):
     sink = JsonlSink(tmp_path / "metrics.jsonl")
-    sink.log({"train/loss": math.nan, "moe/load_heatmap": [[0.5, 0.5]]}, 3)
-    send_event([sink, object()], {"event": "incident", "step": 3, "value": math.inf})
+    sink.log_metrics(None, {"train/loss": math.nan, "moe/load_heatmap": [[0.5, 0.5]]}, 3)
+    sink.on_event(None, {"event": "incident", "step": 3, "value": math.inf})
     sink.close()
     rec = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert rec["step"] == 3 and rec["train/loss"] == "nan" and rec["moe/load_heatmap"] == [[0.5, 0.5]]
@@ -166,7 +166,7 @@ def test_an_empty_wandb_mode_counts_as_unset_and_an_unknown_one_is_named(monkeyp
     assert mode == "offline" and note.startswith("W&B: no API key")
     sink = WandbSink(tmp_path / "run", project="ava", entity=None, group=None, name=None, tags=[],
                      mode=None, config={"a": 1}, resumed=False)  # W&B itself refused "" before
-    sink.log({"train/loss": 1.0}, 1)
+    sink.log_metrics(None, {"train/loss": 1.0}, 1)
     sink.close()
     assert sink.where.startswith("W&B run (offline): ")
     monkeypatch.setenv("WANDB_MODE", "sometimes")

@@ -7,8 +7,9 @@ import pytest
 
 from ava.config import ConfigError, DeepSpeedConfig, TrainerConfig, model_preset
 from ava.model.transformer import AvaForCausalLM
-from ava.train.engine import param_groups, plan
+from ava.train.engine import param_groups
 from ava.train.expert_parallel import implementation
+from ava.train.plan import make_plan
 from ava.train.sharded_moe import expert_parallel_rank
 
 EP_READY = dict(activation="swiglu", bias=False, routing="topk", router_jitter=0.0, capacity_factor=None)
@@ -18,18 +19,18 @@ def _plan(ep: int, world: int, stage: int = 2, **model):
     cfg = model_preset("nano", **{**EP_READY, **model})
     trainer = TrainerConfig(expert_parallel_size=ep, micro_batch_size=1, optimizer_impl="torch",
                             precision="fp32")
-    return plan(trainer, DeepSpeedConfig(config=f"zero{stage}"), cfg, world)
+    return make_plan(trainer, DeepSpeedConfig(config=f"zero{stage}"), cfg, world)
 
 
 def test_ep_section_names_avas_modules_and_tensors():
-    config, _ = _plan(2, 4)
+    config = _plan(2, 4).ds_config
     section = config["expert_parallel"]
     assert section["enabled"] is True and section["autoep_size"] == 2
     assert section["moe_layer_pattern"] == r"layers\.\d+\.moe"
-    assert (section["router_pattern"], section["expert_pattern"]) == ("router", "experts")
+    assert (section["router_pattern"], section["expert_pattern"]) == ("autoep_gate", "experts")
     assert (section["expert_w1"], section["expert_w2"], section["expert_w3"]) == ("w_gate_up", "w_down", None)
     assert section["top_k"] == model_preset("nano").top_k
-    assert "expert_parallel" not in _plan(1, 4)[0]
+    assert "expert_parallel" not in _plan(1, 4).ds_config
 
 
 @pytest.mark.parametrize("model", [
@@ -42,7 +43,7 @@ def test_models_autoep_cannot_run_exactly_get_the_sharded_layer(model):
     would train a different function there, so it runs on Ava's layer (no AutoEP section)."""
     assert implementation(model_preset("nano", **EP_READY)) == "autoep"
     assert implementation(model_preset("nano", **{**EP_READY, **model})) == "sharded"
-    config, _ = _plan(2, 2, **model)
+    config = _plan(2, 2, **model).ds_config
     assert "expert_parallel" not in config
 
 

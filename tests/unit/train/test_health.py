@@ -12,22 +12,20 @@ import pytest
 import torch
 
 from ava.config import ConfigError, HealthConfig, InjectConfig
+from ava.observe.callbacks import CONTINUE, ROLLBACK, STOP
+from ava.train.faults import FaultInjector
 from ava.train.health import (
-    CONTINUE,
     GRAD_SPIKE,
     HEALTHY,
     LOSS_SPIKE,
     NONFINITE_GRAD,
     NONFINITE_LOSS,
     OVERFLOW,
-    ROLLBACK,
-    STOP,
     EmaStat,
-    FaultInjector,
     HealthMonitor,
-    StepGuard,
     UnhealthyRun,
 )
+from ava.train.step_guard import StepGuard
 
 CFG = HealthConfig(warmup_steps=5, recovery_after=2, recovery_steps=4, rollback_after=3,
                    max_rollbacks=1)

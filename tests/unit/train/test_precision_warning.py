@@ -2,15 +2,15 @@
 
 import logging
 
-from ava.train import engine
+from ava.train import plan
 
 
 def test_bf16_on_emulating_cpu_warns_and_fp32_does_not(monkeypatch, caplog):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(engine.distributed, "accelerator_name", lambda: "cpu")
+    monkeypatch.setattr(plan, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(plan.distributed, "accelerator_name", lambda: "cpu")
     with caplog.at_level(logging.WARNING, logger="ava.train"):
-        engine.check_precision("fp32")
+        plan.check_precision("fp32")
         assert caplog.records == []
-        engine.check_precision("bf16")
+        plan.check_precision("bf16")
     assert "bf16 matmuls run ~100x slower than fp32 here; consider trainer.precision=fp32" in caplog.text
 

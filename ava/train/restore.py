@@ -1,0 +1,125 @@
+"""One way back to a checkpoint, for resume and for rollback.
+
+`restore(run, tag_dir, resume=True)` continues a run exactly: model, optimizer and LR position
+(DeepSpeed), step and tokens, validation losses, every callback's state (gradient health
+included), and per rank the loader position and the RNG states. A rollback
+(`resume=False`) takes the parameters, optimizer and position only: the health statistics,
+the loader (the data consumed since is skipped, not replayed) and the RNG streams go on.
+Before DeepSpeed loads anything, a checkpoint the run cannot continue exactly is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ava.checkpoints import read_manifest
+from ava.config import ConfigError
+from ava.train.checkpoint import rank_state_name, restore_rng
+from ava.train.checkpointing import callback_states
+
+if TYPE_CHECKING:
+    from ava.train.run import Run
+
+log = logging.getLogger("ava.train")
+
+
+def check_resumable(run: Run, tag_dir: Path) -> bool:
+    """Refuse another world size (ZeRO partitions, loader shards and RNG streams are per rank),
+    another expert-parallel split, or other data (the loader position would point into a
+    different token stream); returns whether the data changed (and that was allowed)."""
+    manifest = read_manifest(tag_dir)
+    world = run.plan.world_size
+    saved_world = manifest.get("world_size")
+    if saved_world is not None and int(saved_world) != world:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was saved by {saved_world} rank(s) and this run has "
+            f"{world}: resuming needs the same world size (ZeRO shards, loader "
+            f"positions and RNG streams are per rank). Relaunch with "
+            f"{saved_world} rank(s), or export the checkpoint with ava-export (any world "
+            "size) and start a new run directory")
+    saved_ep, ep = int(manifest.get("expert_parallel_size", 1)), run.cfg.trainer.expert_parallel_size
+    if saved_ep != ep:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was saved with trainer.expert_parallel_size={saved_ep} and this run "
+            f"has {ep}: each rank's experts and optimizer shards follow that split. Relaunch with "
+            f"trainer.expert_parallel_size={saved_ep}, or export the checkpoint with ava-export and "
+            "start a new run directory")
+    saved_data, fingerprint = manifest.get("data_fingerprint"), run.data.fingerprint
+    changed = saved_data is not None and saved_data != fingerprint
+    if changed and not run.cfg.trainer.allow_data_change:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was trained on data with fingerprint {saved_data}, but "
+            f"the configured data has fingerprint {fingerprint} (data.sources, "
+            "tokenizer or packing settings changed): the saved loader position would point "
+            "into other data. Restore the original data, or set "
+            "trainer.allow_data_change=true to continue on the new data anyway")
+    if changed:
+        log.warning("the data changed since checkpoint %s (fingerprint %s -> %s); "
+                    "continuing (trainer.allow_data_change=true)", tag_dir.name, saved_data, fingerprint)
+    return changed
+
+
+def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
+    """Load `tag_dir` into `run` (see the module docstring); returns its step."""
+    state = run.state
+    data_changed = check_resumable(run, tag_dir) if resume else False
+    client, rank_state = run.checkpoints.load(run.engine, tag_dir)
+    state.step = int(client["step"])
+    state.tokens_seen = int(client.get("tokens_seen", state.tokens_seen))
+    state.last_saved = state.step
+    if resume:
+        vals = client.get("val_losses") or {}
+        state.first_val_loss, state.last_val_loss = vals.get("first"), vals.get("last")
+        if rank_state is None:
+            raise ConfigError(f"checkpoint {tag_dir} has no {rank_state_name(state.rank)} for "
+                              f"rank {state.rank}: it was not written by an Ava run of this shape")
+        if data_changed:
+            log.warning("the loader starts the new data from its beginning")
+        else:
+            try:
+                run.loader.load_state_dict(rank_state["loader"])
+            except ValueError as exc:
+                raise ConfigError(f"checkpoint {tag_dir}: {exc}") from exc
+        restore_rng(rank_state["rng"])
+        run.callbacks.load_state_dict(callback_states(client))
+    # DeepSpeed restored the schedule's position; the multiplier is the health monitor's
+    run.schedule.set_multiplier(run.health.monitor.lr_multiplier)
+    return state.step
+
+
+def resume(run: Run) -> None:
+    """`trainer.resume`: auto (the newest intact checkpoint, if any), never, or a tag/path."""
+    spec = run.cfg.trainer.resume
+    tag_dir = run.checkpoints.resolve(spec)
+    if tag_dir is None:
+        if spec == "auto":
+            log.info("no complete checkpoint in %s: starting from step 0", run.checkpoints.dir)
+        return
+    restore(run, tag_dir, resume=True)
+    log.info("resuming from %s at step %d", tag_dir.name, run.state.step)
+
+
+def rollback(run: Run, step_no: int) -> None:
+    """Back to the newest complete checkpoint saved before the incident streak began; the
+    loader keeps its position, so the data consumed since that checkpoint is skipped."""
+    health_cfg = run.cfg.trainer.health
+    first_bad = run.health.rollback_started()
+    tag_dir = run.checkpoints.resolve_before(first_bad - 1)
+    monitor = run.health.monitor
+    head = (f"rollback {monitor.rollbacks}/{health_cfg.max_rollbacks}: "
+            f"{health_cfg.rollback_after} consecutive unhealthy steps")
+    if tag_dir is None:
+        text = (f"{head} (from step {first_bad}) but no complete checkpoint at or before step "
+                f"{first_bad - 1}: parameters are unchanged (the steps were skipped); "
+                "continuing with fresh data")
+        to_step = run.state.step
+        run.schedule.set_multiplier(monitor.lr_multiplier)
+    else:
+        to_step = restore(run, tag_dir, resume=False)
+        text = (f"{head} (steps {first_bad}-{step_no}); restored {tag_dir.name} (step {to_step}), "
+                f"skipping the data of the {step_no - to_step} steps since; "
+                f"LR multiplier {monitor.lr_multiplier:.3g}")
+    run.callbacks.on_event(run.state, {"event": "rollback", "step": step_no, "to_step": to_step,
+                                       "rollbacks": monitor.rollbacks, "title": "Rollback", "text": text})

@@ -1,0 +1,161 @@
+"""Everything a training run needs, built once by `build_run` into a typed `Run`.
+
+Order: data (rank 0 prepares, every rank maps the cache), the model (same seed on every rank,
+then per-rank streams), the DeepSpeed engine, the loader, the callbacks, resume, the sinks (they
+need the step the run resumed at). `ava.train.loop.fit(run)` then only sequences steps and hooks.
+
+Callbacks, in hook order: gradient health, experts, throughput, memory, the user's
+(`trainer.callbacks` from config, then `callbacks=` from Python), checkpointing, and on rank 0 the
+sinks (console, JSONL, W&B).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+
+from ava import dist
+from ava.config import AvaConfig, ConfigError
+from ava.data import BlockLoader, PreparedData, prepare_data
+from ava.files import atomic_write
+from ava.model import AvaForCausalLM
+from ava.observe import Callback, CallbackList, TrainState, build_sinks
+from ava.observe.experts import ExpertMonitor
+from ava.observe.memory import MemoryMonitor
+from ava.observe.throughput import StepTimer, ThroughputMonitor, device_peak_tflops
+from ava.train.checkpoint import CheckpointManager
+from ava.train.checkpointing import Checkpointing, save_checkpoint
+from ava.train.engine import build_engine
+from ava.train.evaluate import Evaluator
+from ava.train.faults import FaultInjector
+from ava.train.health_callback import HealthCallback
+from ava.train.plan import TrainPlan, make_plan
+from ava.train.restore import resume
+from ava.train.schedule import Schedule
+from ava.train.signals import StopRequest
+
+log = logging.getLogger("ava.train")
+
+
+@dataclass
+class Run:
+    cfg: AvaConfig
+    run_dir: Path
+    plan: TrainPlan
+    data: PreparedData
+    engine: Any  # deepspeed.DeepSpeedEngine
+    schedule: Schedule  # the engine's LR scheduler
+    loader: BlockLoader
+    evaluate: Evaluator
+    checkpoints: CheckpointManager
+    faults: FaultInjector
+    health: HealthCallback
+    callbacks: CallbackList
+    state: TrainState
+    timer: StepTimer
+    resolved_config: Dict[str, Any]
+    stop: Optional[StopRequest]  # the caller's signal handler (covers setup too), else fit's own
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_callbacks(specs: List[Any]) -> List[Callback]:
+    """`trainer.callbacks`: Hydra `_target_` specs, each instantiated and checked."""
+    from hydra.utils import instantiate
+
+    built = []
+    for i, spec in enumerate(specs):
+        key = f"trainer.callbacks[{i}]"
+        if not isinstance(spec, dict) or "_target_" not in spec:
+            raise ConfigError(f"{key} must be a mapping with _target_: module.ClassName (got {spec!r})")
+        try:
+            callback = instantiate(spec)
+        except Exception as exc:  # Hydra wraps import and constructor errors
+            raise ConfigError(f"{key}: cannot instantiate {spec['_target_']}: "
+                              f"{str(exc).splitlines()[0]}") from exc
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"{key}: {spec['_target_']} is a {type(callback).__name__}, "
+                              "not an ava.observe.Callback")
+        built.append(callback)
+    return built
+
+
+def _timer(device: torch.device, sync_timing: bool) -> StepTimer:
+    if device.type != "cpu" and sync_timing:
+        from deepspeed.accelerator import get_accelerator
+
+        return StepTimer(get_accelerator().synchronize)
+    return StepTimer()
+
+
+def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None,
+              resolved_config: Optional[Dict[str, Any]] = None, callbacks: Iterable[Callback] = (),
+              stop: Optional[StopRequest] = None) -> Run:
+    t, rank = cfg.trainer, dist.rank()
+    run_dir = Path(run_dir)
+    plan = plan or make_plan(t, cfg.deepspeed, cfg.model, dist.world_size())
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    user_callbacks = config_callbacks(list(t.callbacks)) + list(callbacks)  # fail before the work
+
+    data = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    if rank == 0:  # the run directory is self-contained: ava-export reads it from here
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "tokenizer.json", lambda tmp: shutil.copyfile(data.tokenizer_path, tmp))
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = AvaForCausalLM(cfg.model)
+    seq_len = cfg.data.seq_len
+    flops_per_token = float(model.flops_per_token(seq_len))
+    log.info("model %s: %s parameters (%s active per token), %.2f GFLOPs/token", cfg.model.name,
+             f"{model.num_parameters():,}", f"{model.num_parameters(active_only=True):,}",
+             flops_per_token / 1e9)
+    seed_everything(cfg.seed + rank)  # independent streams per rank from here on
+    engine = build_engine(model, t, plan)
+    faults = FaultInjector(t.health.inject, rank)
+    faults.attach(engine.module)
+    health = HealthCallback(t.health, engine, engine.lr_scheduler, faults)
+    state = TrainState(max_steps=t.max_steps, rank=rank, world_size=plan.world_size, run_dir=run_dir)
+    m = t.monitor
+    own: List[Callback] = [
+        health,
+        ExpertMonitor(num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+                      top_k=cfg.model.top_k, log_every=t.log_every, heatmap_every=cfg.logger.heatmap_every,
+                      dead_expert_steps=m.dead_expert_steps, collapse_gini=m.collapse_gini,
+                      collapse_steps=m.collapse_steps, device=engine.device),
+        ThroughputMonitor(plan.tokens_per_step(seq_len), flops_per_token,
+                          device_peak_tflops(engine.device, m.peak_tflops)),
+        MemoryMonitor(m.memory_warn_fraction, engine.device),
+    ]
+    run = Run(cfg=cfg, run_dir=run_dir, plan=plan, data=data, engine=engine,
+              schedule=engine.lr_scheduler,
+              loader=BlockLoader(data.train, micro_batch_size=plan.micro, rank=rank,
+                                 world_size=plan.world_size, seed=cfg.seed),
+              evaluate=Evaluator(data.val, micro_batch_size=plan.micro, batches=t.eval_batches, seed=cfg.seed),
+              checkpoints=CheckpointManager(run_dir / "checkpoints", t.keep_last,
+                                            verify_hashes=t.verify_checkpoints),
+              faults=faults, health=health, callbacks=CallbackList(), state=state,
+              timer=_timer(engine.device, m.sync_timing), resolved_config=resolved_config or {},
+              stop=stop)
+    checkpointing = Checkpointing(lambda: save_checkpoint(run), save_every=t.save_every,
+                                  save_at_end=t.save_at_end)
+    run.callbacks = CallbackList([*own, *user_callbacks, checkpointing])
+    resume(run)
+    log.info("training: %d steps x %d tokens (micro %d x accum %d x world %d x seq %d); run dir %s",
+             t.max_steps, plan.tokens_per_step(seq_len), plan.micro, plan.accum, plan.world_size,
+             seq_len, run_dir)
+    if rank == 0:
+        run.callbacks.callbacks += build_sinks(cfg.logger, run_dir, max_steps=t.max_steps,
+                                               log_every=t.log_every, progress_bar=t.progress_bar,
+                                               start_step=state.step, config=run.resolved_config)
+    return run
