@@ -89,6 +89,8 @@ COMMANDS: Dict[str, How] = {
         extra=SHORT, expect="expert parallel (sharded): ep=2, rank 0 holds experts [0, 2) of 4",
         env={"OMP_NUM_THREADS": "1"}),
     "ava-bench ep --quick --out ep.json": How(covered_by="tests/integration/test_expert_parallel.py"),
+    # --- Reports
+    "ava-report runs/my-run": How(expect="runs/my-run/report.html"),
     # --- Data
     "ava-train data=files 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":
         How(replace=("/data/corpus", "corpus"), extra=["experiment=smoke", *SHORT],
