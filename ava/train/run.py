@@ -70,6 +70,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _instantiate_reason(exc: Exception) -> str:
+    """The user's mistake in one line, from under Hydra's wrapper (which names no reason)."""
+    cause = exc.__cause__
+    if cause is None:
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    lines = str(cause).splitlines() or [""]
+    if isinstance(cause, ImportError) and len(lines) > 1:  # "Error loading 'x':", then why
+        return lines[1]
+    return f"{type(cause).__name__}: {lines[0]}"
+
+
 def config_callbacks(specs: List[Any]) -> List[Callback]:
     """`trainer.callbacks`: Hydra `_target_` specs, each instantiated and checked."""
     from hydra.utils import instantiate
@@ -83,7 +94,7 @@ def config_callbacks(specs: List[Any]) -> List[Callback]:
             callback = instantiate(spec)
         except Exception as exc:  # Hydra wraps import and constructor errors
             raise ConfigError(f"{key}: cannot instantiate {spec['_target_']}: "
-                              f"{str(exc).splitlines()[0]}") from exc
+                              f"{_instantiate_reason(exc)}") from exc
         if not isinstance(callback, Callback):
             raise ConfigError(f"{key}: {spec['_target_']} is a {type(callback).__name__}, "
                               "not an ava.observe.Callback")
