@@ -38,7 +38,8 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     mode: Optional[str] = None  # online | offline | disabled; null: WANDB_MODE, else by API key
     jsonl: bool = True  # <run_dir>/metrics.jsonl (+ events.jsonl: incidents, rollbacks, alerts)
-    heatmap_every: int = 100  # steps between expert-load heatmaps (W&B table, JSONL list); 0: off
+    heatmap_every: int = 100  # steps between expert-load heatmaps (W&B table + images, JSONL list); 0: off
+    report: bool = True  # training ends by writing <run_dir>/report.html (ava-report; needs jsonl)
     # config keys whose values never reach W&B (substring match, case-insensitive)
     redact_keys: List[str] = field(default_factory=lambda: [
         "api_key", "apikey", "access_token", "auth_token", "hf_token", "secret", "password",

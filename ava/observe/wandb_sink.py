@@ -3,6 +3,7 @@ gets an offline run, never a prompt or a hang."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import netrc
@@ -18,6 +19,7 @@ from ava.observe.console import _fmt
 log = logging.getLogger("ava.train")
 
 HEATMAP_KEY = "moe/load_heatmap"
+DROPPED_SUFFIX = "/dropped_fraction"  # per layer, drawn on the load-over-time images
 
 
 SECRET_ENV_HINTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -90,7 +92,11 @@ class WandbSink(Callback):
     the trainer's own step for plotting). A resumed process re-computes the steps between its
     checkpoint and the point where the previous attempt stopped; those were already logged (with
     the same values: resume is exact), so they are not sent again. The id, the last W&B step
-    sent and the offset live in `<run_dir>/wandb_state.json` for that purpose."""
+    sent and the offset live in `<run_dir>/wandb_state.json` for that purpose.
+
+    On heatmap steps the expert load also goes out as images (`ava-report`'s heatmap and
+    per-layer load over time, drawn from every heatmap step so far), since W&B draws a table
+    but no layer x expert picture."""
 
     INCIDENT_COLUMNS = ("step", "kind", "value", "z", "lr_multiplier", "worst_grad_norms")
     STATE_FILE = "wandb_state.json"
@@ -128,6 +134,8 @@ class WandbSink(Callback):
         elif resolved == "online":
             log.info("%s", self.where)
         self._wandb = wandb
+        self._run_dir = run_dir
+        self._load_history: Optional[List[Dict[str, Any]]] = None  # read on the first heatmap
         self._id = run_id
         self._offset = int(state.get("offset", 0))
         # W&B steps up to here were sent by an earlier attempt of this run (or are on the server)
@@ -173,16 +181,43 @@ class WandbSink(Callback):
         self._write_state(step)
         return True
 
+    @staticmethod
+    def _load_record(metrics: Mapping[str, Any], step: int) -> Dict[str, Any]:
+        kept = {k: v for k, v in metrics.items() if k == HEATMAP_KEY or k.endswith(DROPPED_SUFFIX)}
+        return {"step": step, **kept} if kept else {}
+
+    def _load_images(self, step: int) -> Dict[str, Any]:
+        """W&B images of the expert load at `step`, keyed as `ava-report` names them."""
+        from PIL import Image
+
+        from ava.observe.report import expert_load_panels
+
+        assert self._load_history is not None
+        return {panel.key: self._wandb.Image(Image.open(io.BytesIO(panel.png)), caption=panel.title)
+                for panel in expert_load_panels(self._load_history)}
+
     def log_metrics(self, state: Optional[TrainState], metrics: Mapping[str, Any], step: int) -> None:
         data: Dict[str, Any] = dict(metrics)
         data["train/step"] = step
+        record = self._load_record(metrics, step)
+        if record and self._load_history is None:  # a resumed run: its earlier steps, from JSONL
+            from ava.observe.report.records import read_jsonl
+
+            earlier = read_jsonl(self._run_dir / "metrics.jsonl").records
+            self._load_history = [r for r in (self._load_record(e, e["step"]) for e in earlier
+                                              if e["step"] < step) if r]
+        if record:
+            self._load_history.append(record)
+        wandb_step = self._step(step)
         heatmap = data.pop(HEATMAP_KEY, None)
         if heatmap:
             experts = len(heatmap[0])
             data[HEATMAP_KEY] = self._wandb.Table(
                 columns=["layer", *(f"expert_{e}" for e in range(experts))],
                 data=[[layer, *row] for layer, row in enumerate(heatmap)])
-        self._send(data, self._step(step))
+            if wandb_step > self._sent_upto:  # not drawn for a step W&B already has
+                data.update(self._load_images(step))
+        self._send(data, wandb_step)
 
     def on_event(self, state: Optional[TrainState], record: Mapping[str, Any]) -> None:
         kind = record.get("event")

@@ -102,14 +102,39 @@ def fit(run: Run) -> FitResult:
     wall = time.perf_counter() - start
     exit_status = stop.exit_status if state.stopping and stop else 0
     if state.rank == 0:
-        _summary(run, wall)
         if not state.stopping:
             write_status(run.run_dir, "finished", state.step, 0)
+        _summary(run, wall, write_run_report(run))
     return FitResult(run.run_dir, state.step, state.tokens_seen, state.first_val_loss,
                      state.last_val_loss, state.stopping, wall, exit_status)
 
 
-def _summary(run: Run, wall: float) -> None:
+def write_run_report(run: Run) -> Optional[Path]:
+    """`<run_dir>/report.html` (rank 0, `logger.report`). Training is over and its files are
+    safe: a report that cannot be drawn is a warning, never a failed run."""
+    logger = run.cfg.logger
+    if not logger.report:
+        return None
+    if not logger.jsonl:
+        log.info("report: not written (it is drawn from metrics.jsonl; logger.jsonl=false)")
+        return None
+    from ava.observe.report import ReportError, write_report
+
+    start = time.perf_counter()
+    try:
+        path = write_report([run.run_dir])
+    except ReportError as exc:
+        log.warning("report: not written: %s", exc)
+        return None
+    except Exception as exc:  # a plotting failure must not turn a finished run into a failed one
+        log.warning("report: not written (%s: %s); retry with `ava-report %s`",
+                    type(exc).__name__, exc, run.run_dir)
+        return None
+    log.debug("report written in %.1fs", time.perf_counter() - start)
+    return path
+
+
+def _summary(run: Run, wall: float, report_path: Optional[Path] = None) -> None:
     """The run's last lines: how it ended and where everything is."""
     state = run.state
     if not state.stopping:
@@ -119,6 +144,8 @@ def _summary(run: Run, wall: float) -> None:
         log.info("done: step %d%s, %.1fs", state.step, val, wall)
     log.info("run directory: %s (checkpoints/, metrics.jsonl, events.jsonl, train.log); "
              "export it with `ava-export %s OUT_DIR`", run.run_dir, run.run_dir)
+    if report_path is not None:
+        log.info("report: %s (open it in a browser; `ava-report %s` redraws it)", report_path, run.run_dir)
     for cb in run.callbacks.callbacks:
         if cb.summary():
             log.info("%s", cb.summary())

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from PIL import Image, ImageStat
 
 OBSERVE = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=6",
            "trainer.log_every=2", "trainer.eval_every=3", "trainer.save_every=0",
@@ -106,6 +108,17 @@ def test_offline_wandb_run_and_jsonl_twin(trainer, tmp_path, monkeypatch):
     table = json.loads((files[0].parent / "files" / tables[1]["path"]).read_text())
     assert table["columns"] == ["layer", "expert_0", "expert_1", "expert_2", "expert_3"]
     assert [row[1:] for row in table["data"]] == heatmap  # step 4, the same numbers as in JSONL
+    # ... and, on the same heatmap steps, the pictures ava-report draws (W&B image media)
+    for key, size in (("moe/load_heatmap_image", (700, 420)), ("moe/layer0/load_over_time", (600, 340)),
+                      ("moe/layer1/load_over_time", (600, 340))):
+        images = [{item.nested_key[1]: json.loads(item.value_json) for item in h.item
+                   if list(item.nested_key[:1]) == [key]} for h in history]
+        steps = [h.step.num for h, image in zip(history, images, strict=True) if image]
+        assert steps == [2, 4, 6], (key, steps)
+        image = [i for i in images if i][-1]
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == size
+        with Image.open(files[0].parent / "files" / image["path"]) as png:
+            assert png.size == size and ImageStat.Stat(png.convert("L")).stddev[0] > 5, key
     titles = {r.alert.title for r in records if r.WhichOneof("record_type") == "alert"}
     assert titles == {"Router collapse in MoE layer 0", "Router collapse in MoE layer 1"}
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -115,21 +128,84 @@ def test_offline_wandb_run_and_jsonl_twin(trainer, tmp_path, monkeypatch):
     assert "exit" in kinds
 
 
+# A user's callback, added from config: it records every hook it sees (per rank) and keeps a
+# count of applied steps as its checkpointed state.
+HOOK_RECORDER = """
+from pathlib import Path
+from ava.observe import Callback
+
+class HookRecorder(Callback):
+    name = "hook_recorder"
+
+    def __init__(self, out):
+        self.out, self.applied = Path(out), 0
+
+    def _note(self, state, hook):
+        with open(self.out / f"rank{state.rank}.txt", "a") as f:
+            f.write(f"{hook} {state.step}\\n")
+
+    def on_train_start(self, state): self._note(state, f"on_train_start applied={self.applied}")
+    def pre_step(self, state): self._note(state, "pre_step")
+    def post_micro_batch(self, state, router_stats): self._note(state, "post_micro_batch")
+    def pre_optim_step(self, state, output): self._note(state, "pre_optim_step")
+    def post_step(self, state, output):
+        self.applied += int(output.applied)
+        self._note(state, "post_step")
+    def log_metrics(self, state, metrics, step): self._note(state, "log_metrics")
+    def on_event(self, state, record): self._note(state, "on_event")
+    def on_eval(self, state, metrics): self._note(state, "on_eval")
+    def on_step_end(self, state): self._note(state, "on_step_end")
+    def post_checkpoint_saved(self, state, tag_dir): self._note(state, "post_checkpoint_saved")
+    def on_train_end(self, state): self._note(state, f"on_train_end applied={self.applied}")
+    def state_dict(self): return {"applied": self.applied}
+    def load_state_dict(self, state): self.applied = state["applied"]
+"""
+STEP_HOOKS = ["pre_step", "post_micro_batch", "pre_optim_step", "post_step", "log_metrics",
+              "on_step_end"]  # one micro-batch per step (smoke: grad_accum_steps=1)
+
+
+def _hooks(path: Path) -> List[str]:
+    lines = path.read_text().splitlines()
+    path.unlink()  # the next attempt writes its own
+    return lines
+
+
 @pytest.mark.slow
 def test_resumed_run_continues_its_offline_wandb_run_without_duplicate_steps(trainer, tmp_path,
                                                                              monkeypatch):
     """Attempt 1 logs steps 1-6 but checkpoints only step 4; attempt 2 resumes at 4, recomputes 5
-    and 6 (identical, resume is exact) without re-sending them, and logs 7-8 to the same run."""
+    and 6 (identical, resume is exact) without re-sending them, and logs 7-8 to the same run.
+    A user callback from `trainer.callbacks` sees every hook in the documented order on both
+    ranks, and its state comes back from the step-4 checkpoint."""
     api_key = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", api_key)  # WANDB_MODE=offline still wins
     monkeypatch.setenv("AVA_TEST_HF_TOKEN", SECRET)
+    (tmp_path / "hook_recorder.py").write_text(HOOK_RECORDER)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
     run_dir = tmp_path / "run"
     common = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.save_every=4",
               "trainer.save_at_end=false", "trainer.eval_every=0", "trainer.decay_steps=8",
               "logger=wandb", "logger.project=ava-test", "logger.heatmap_every=0",
-              "model.name=${oc.env:AVA_TEST_HF_TOKEN}"]
-    trainer.run(run_dir, [*common, "trainer.max_steps=6"]).check()
-    resumed = trainer.run(run_dir, [*common, "trainer.max_steps=8"]).check()
+              "logger.report=false", "model.name=${oc.env:AVA_TEST_HF_TOKEN}",
+              f"trainer.callbacks=[{{_target_: hook_recorder.HookRecorder, out: '{hooks}'}}]"]
+    trainer.run(run_dir, [*common, "trainer.max_steps=6"], extra_env=env).check()
+    first = [_hooks(hooks / f"rank{r}.txt") for r in (0, 1)]
+    resumed = trainer.run(run_dir, [*common, "trainer.max_steps=8"], extra_env=env).check()
+    second = [_hooks(hooks / f"rank{r}.txt") for r in (0, 1)]
+    assert not (run_dir / "report.html").exists() and "report: " not in resumed.output
+
+    def steps(first_step: int, last_step: int) -> List[str]:
+        out = []
+        for step in range(first_step, last_step + 1):
+            out += [f"{h} {step - 1 if h in STEP_HOOKS[:3] else step}" for h in STEP_HOOKS]
+            if step % 4 == 0:  # trainer.save_every=4
+                out.append(f"post_checkpoint_saved {step}")
+        return out
+
+    assert first[0] == first[1] == ["on_train_start applied=0 0", *steps(1, 6), "on_train_end applied=6 6"]
+    assert second[0] == second[1] == ["on_train_start applied=4 4", *steps(5, 8), "on_train_end applied=8 8"]
     run_id = json.loads((run_dir / "wandb_state.json").read_text())["id"]
     assert f"W&B: continuing run {run_id} after step 6" in resumed.output
     assert "2 record(s) of steps <= 6 were already logged by an earlier attempt" in resumed.output

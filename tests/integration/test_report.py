@@ -26,11 +26,17 @@ PANELS = ["loss-step", "loss-tokens", "lr", "grad-norm", "throughput", "memory",
 @pytest.mark.slow
 def test_report_of_a_two_rank_run_holds_every_panel(trainer, tmp_path):
     run_dir = tmp_path / "run"
-    trainer.run(run_dir, RUN).check()
+    run = trainer.run(run_dir, RUN).check()
+    out = run_dir / "report.html"
+    # training ended by writing the page (rank 0) and naming it beside the run directory
+    lines = run.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if f"run directory: {run_dir} " in line)
+    assert f"report: {out} (open it in a browser; `ava-report {run_dir}` redraws it)" in lines[at + 1]
+    assert run.output.count("report: ") == 1 and out.read_text().startswith("<!DOCTYPE html>")
+    out.unlink()
     proc = subprocess.run([sys.executable, "-m", "ava.observe.report.cli", str(run_dir)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    out = run_dir / "report.html"
     assert proc.stdout.strip() == str(out) and proc.stderr == ""
     page = out.read_text()
     figures = re.findall(r'<figure id="panel-([\w-]+)" data-panel="[\w-]+"><img alt="[^"]*" width="(\d+)" '
