@@ -33,10 +33,21 @@ signal_ranks() {
 import signal, sys
 import psutil
 launcher, name = int(sys.argv[1]), sys.argv[2]
-ranks = [r for child in psutil.Process(launcher).children() for r in child.children()]
-for rank in ranks:
-    rank.send_signal(getattr(signal, name))
-sys.exit(0 if ranks else 1)
+sent = 0
+# a process that ends while we look (a short-lived helper of the launcher) is skipped, never an
+# error: an error after some ranks got the signal would make the caller send it again
+for child in psutil.Process(launcher).children():
+    try:
+        ranks = child.children()
+    except psutil.NoSuchProcess:
+        continue
+    for rank in ranks:
+        try:
+            rank.send_signal(getattr(signal, name))
+            sent += 1
+        except psutil.NoSuchProcess:
+            pass
+sys.exit(0 if sent else 1)
 PY
 }
 

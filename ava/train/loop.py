@@ -104,7 +104,9 @@ def fit(run: Run) -> FitResult:
     if state.rank == 0:
         if not state.stopping:
             write_status(run.run_dir, "finished", state.step, 0)
-        _summary(run, wall, write_run_report(run))
+        # not after a signal: the launcher ends this rank once the others have exited, and a
+        # preempted job's time is short; the next attempt (or `ava-report`) draws the page
+        _summary(run, wall, None if state.stopping else write_run_report(run))
     return FitResult(run.run_dir, state.step, state.tokens_seen, state.first_val_loss,
                      state.last_val_loss, state.stopping, wall, exit_status)
 
