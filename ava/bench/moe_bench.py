@@ -57,6 +57,7 @@ def default_sweep() -> list[Point]:
         Point(4096, 8, 1, 256, 512, "balanced"),
         Point(4096, 64, 2, 256, 512, "balanced"),
         Point(4096, 64, 8, 256, 512, "balanced"),
+        Point(4096, 64, 8, 256, 128, "balanced"),  # fine-grained (OLMoE/Qwen3-MoE: many narrow experts)
         Point(4096, 8, 2, 512, 1024, "balanced"),
         Point(4096, 8, 2, 256, 512, "skewed"),
         Point(4096, 64, 2, 256, 512, "skewed"),

@@ -39,8 +39,8 @@ def hf_mixtral(cfg: ModelConfig, experts_implementation: str = "grouped_mm") -> 
 
     config = MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_per_head, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0,
         output_router_logits=False, tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,

@@ -34,6 +34,19 @@ def mixtral_incompatibilities(cfg: ModelConfig) -> list[str]:
         problems.append("model.overflow='residual' (Mixtral has no shared residual FFN)")
     if cfg.eval_capacity_factor is not None:
         problems.append(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (Mixtral inference is dropless)")
+    if cfg.qk_norm != "none":
+        problems.append(f"model.qk_norm={cfg.qk_norm!r} (Mixtral has no q/k norm)")
+    if cfg.attn_bias:
+        problems.append("model.attn_bias=true (Mixtral has no attention biases)")
+    if cfg.moe_layers != list(range(cfg.num_layers)):
+        problems.append(f"dense layers {sorted(set(range(cfg.num_layers)) - set(cfg.moe_layers))} "
+                        "(every Mixtral layer is MoE)")
+    if cfg.shared_experts:
+        problems.append(f"model.shared_experts={cfg.shared_experts} (Mixtral has no shared experts)")
+    if cfg.router_score != "softmax" or not cfg.normalize_top_k or cfg.routed_scaling_factor != 1.0:
+        problems.append(f"router_score={cfg.router_score!r}, normalize_top_k={cfg.normalize_top_k}, "
+                        f"routed_scaling_factor={cfg.routed_scaling_factor} (Mixtral: softmax, "
+                        "renormalised, unscaled)")
     return problems
 
 
@@ -136,7 +149,7 @@ def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pa
     return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.top_k,
@@ -146,20 +159,29 @@ def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pa
     }
 
 
+# config.json keys that change a Mixtral's function in ways Ava's model does not implement
+UNSUPPORTED_MIXTRAL = {"sliding_window": "Ava's attention has no sliding window",
+                       "rope_scaling": "Ava implements only the default RoPE"}
+
+
 def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """Ava's config from `config.json`: exact when Ava wrote it, else mapped from Mixtral's keys."""
     if "ava_config" in config:
         known = {f.name for f in fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in config["ava_config"].items() if k in known})
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    if kv_heads != heads:
-        raise ValueError(f"num_key_value_heads={kv_heads} != num_attention_heads={heads}; "
-                         "Ava's attention has no grouped-query attention, so this model cannot load")
+    for key, why in UNSUPPORTED_MIXTRAL.items():
+        if config.get(key) not in (None, {}):
+            raise ValueError(f"{key}={config[key]!r}: {why}, so this model cannot load")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim")
     rope = config.get("rope_parameters") or {}
     return ModelConfig(
         name=config.get("_name_or_path", "mixtral"), vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"], ffn_size=config["intermediate_size"],
+        num_heads=heads, num_kv_heads=None if kv_heads == heads else kv_heads,
+        head_dim=None if head_dim in (None, config["hidden_size"] // heads) else head_dim,
+        ffn_size=config["intermediate_size"],
         num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
         max_seq_len=config.get("max_position_embeddings", 4096),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1e6))),

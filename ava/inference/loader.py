@@ -167,7 +167,7 @@ def _build(export: ExportedModel, tensors: dict[str, torch.Tensor], dtype: torch
         model = AvaForCausalLM(cfg)
     check_against(tensors, model.state_dict(), export.path)
     model.load_state_dict(tensors, strict=True, assign=True)
-    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # buffers are not stored
+    model.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta)  # buffers are not stored
     model.eval()
     quantized = quantize_model_int8(model) if quantize == "int8" else None
     _place(model, plan)

@@ -35,8 +35,10 @@ def unit_bytes(tensors: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]
 
 
 def kv_cache_bytes(cfg: ModelConfig, context_len: int, batch_size: int, dtype: torch.dtype) -> int:
-    """Keys and values for every block: 2 x batch x context x hidden per layer."""
-    return 2 * cfg.num_layers * batch_size * context_len * cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
+    """Keys and values for every block: 2 x batch x context x kv_heads x head_dim per layer (the
+    cache holds the kv heads only: grouped-query attention shrinks it by num_heads/num_kv_heads)."""
+    per_token = 2 * cfg.kv_heads * cfg.dim_per_head
+    return cfg.num_layers * batch_size * context_len * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass

@@ -52,9 +52,9 @@ def quantize_model_int8(model: AvaForCausalLM) -> tuple[int, int]:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             b, a = _quantize_param(getattr(layer.attn, proj), "weight", in_dim=1)  # Linear: [out, in]
             before, after = before + b, after + a
-        experts = layer.moe.experts
+        experts = layer.moe.experts if layer.moe is not None else None
         for name in ("w1", "w_gate_up", "w2", "w_down"):
-            if hasattr(experts, name):
+            if experts is not None and hasattr(experts, name):
                 # stacked [E, in, out]: a scale per output column, so the fused gate and up halves
                 # of `w_gate_up` get the same scales as separate matrices would
                 b, a = _quantize_param(experts, name, in_dim=1)

@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention with RoPE through `scaled_dot_product_attention`."""
+"""Causal self-attention with RoPE through `scaled_dot_product_attention`: multi-head or
+grouped-query (`num_kv_heads`), an explicit `head_dim`, optional q/k RMSNorm and q/k/v biases."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from ava.config import ModelConfig
 from ava.model.rope import apply_rope
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys and values `[B, kv_heads, S, head_dim]`
 
 
 def attention_mask_4d(
@@ -34,15 +35,32 @@ def attention_mask_4d(
 
 
 class CausalSelfAttention(nn.Module):
-    """Separate q/k/v/o projections: the Mixtral layout names them so, and export stays a rename."""
+    """Separate q/k/v/o projections: the Hugging Face layouts name them so, and export stays a
+    rename. The KV cache holds the kv heads only; SDPA shares each among its query group.
+
+    `qk_norm`: `head` normalises each head's q and k over `head_dim` (Qwen3, one weight of
+    `head_dim` shared by the heads); `full` normalises the whole q and k projections before the
+    head split (OLMoE, weights of `heads·head_dim` and `kv_heads·head_dim`). Both before RoPE."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        h, self.num_heads, self.head_dim = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.q_proj = nn.Linear(h, h, bias=cfg.bias)
-        self.k_proj = nn.Linear(h, h, bias=cfg.bias)
-        self.v_proj = nn.Linear(h, h, bias=cfg.bias)
-        self.o_proj = nn.Linear(h, h, bias=cfg.bias)
+        h, self.num_heads, self.head_dim = cfg.hidden_size, cfg.num_heads, cfg.dim_per_head
+        self.kv_heads = cfg.kv_heads
+        q_width, kv_width = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv_bias = cfg.bias or cfg.attn_bias
+        self.q_proj = nn.Linear(h, q_width, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_width, h, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm: Optional[nn.RMSNorm] = None
+        self.k_norm: Optional[nn.RMSNorm] = None
+        if cfg.qk_norm == "head":
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = nn.RMSNorm(q_width, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(kv_width, eps=cfg.norm_eps)
 
     def forward(
         self,
@@ -52,14 +70,19 @@ class CausalSelfAttention(nn.Module):
         key_valid_BS: Optional[torch.Tensor] = None,
         past_kv: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        b, seq, h = x_BLH.shape
+        b, seq, _ = x_BLH.shape
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.view(b, seq, n, self.head_dim).transpose(1, 2)
 
-        q = apply_rope(heads(self.q_proj(x_BLH)), cos_BLD, sin_BLD)
-        k = apply_rope(heads(self.k_proj(x_BLH)), cos_BLD, sin_BLD)
-        v = heads(self.v_proj(x_BLH))
+        q, k, v = self.q_proj(x_BLH), self.k_proj(x_BLH), self.v_proj(x_BLH)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q, self.num_heads), heads(k, self.kv_heads), heads(v, self.kv_heads)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos_BLD, sin_BLD)
+        k = apply_rope(k, cos_BLD, sin_BLD)
         past_len = 0
         if past_kv is not None:
             past_len = past_kv[0].shape[2]
@@ -67,6 +90,7 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past_kv[1], v], dim=2)
         mask = attention_mask_4d(key_valid_BS, seq, past_len, x_BLH.device)
         is_causal = mask is None and past_len == 0 and seq > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(b, seq, h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.kv_heads != self.num_heads)
+        y = y.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
         return self.o_proj(y), (k, v)

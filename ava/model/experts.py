@@ -98,11 +98,13 @@ def _bias_rows(b_EO: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
 
 
 class DenseFFN(nn.Module):
-    """One dense FFN of the experts' shape: the `residual` overflow path and the dense baseline."""
+    """One dense FFN with the experts' activation: a dense layer's MLP, the shared experts (one
+    FFN of their summed width computes exactly the sum of their outputs), the `residual`
+    overflow path and the dense baseline. `width`: null is the experts' `ffn_size`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, width: Optional[int] = None) -> None:
         super().__init__()
-        h, i = cfg.hidden_size, cfg.ffn_size
+        h, i = cfg.hidden_size, width or cfg.ffn_size
         self.activation = cfg.activation
         if cfg.activation == "swiglu":
             self.gate_proj = nn.Linear(h, i, bias=False)

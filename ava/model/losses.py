@@ -18,6 +18,19 @@ def load_balancing_loss(*, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> t
     return num_experts * (f_E * p_E).sum()
 
 
+def sequence_balancing_loss(*, probs_TE: torch.Tensor, expert_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss: `E * sum_i f_i * P_i` within each sequence of
+    `seq_len` consecutive tokens, averaged over the sequences (balance inside every sequence,
+    not only over the batch)."""
+    num_experts, top_k = probs_TE.shape[-1], expert_TK.shape[-1]
+    expert_BA = expert_TK.reshape(-1, seq_len * top_k)
+    counts_BE = torch.zeros(expert_BA.shape[0], num_experts, device=expert_TK.device).scatter_add_(
+        1, expert_BA, torch.ones_like(expert_BA, dtype=torch.float32))
+    f_BE = counts_BE / (seq_len * top_k)
+    p_BE = probs_TE.float().reshape(-1, seq_len, num_experts).mean(dim=1)
+    return num_experts * (f_BE * p_BE).sum(dim=-1).mean()
+
+
 def router_z_loss(*, logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss `mean(logsumexp(logits)^2)`: keeps router logits small and softmax stable."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

@@ -11,7 +11,7 @@ from ava.config import ModelConfig
 from ava.model.capacity import Assignment, apply_capacity, capacity_for
 from ava.model.expert_loop import expert_loop
 from ava.model.experts import DenseFFN, Experts, resolve_backend
-from ava.model.router import Router, choose_experts
+from ava.model.router import Router, router_choice
 from ava.model.routing_stats import RouterStats, RoutingCollector, router_stats
 
 
@@ -104,19 +104,20 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     return _Combine.apply(y_SH, weight_TK, order_S, pos_A, kept_A)
 
 
-def route(router: Router, cfg: ModelConfig, x_TH: torch.Tensor, training: bool) -> tuple[Assignment, RouterStats]:
-    """Router → top-k (or Sinkhorn) choice → capacity: the routing decision and its stats.
+def route(router: Router, cfg: ModelConfig, x_TH: torch.Tensor, training: bool,
+          seq_len: Optional[int] = None) -> tuple[Assignment, RouterStats]:
+    """Router → top-k (or Sinkhorn) choice → capacity: the routing decision and its stats
+    (`seq_len`: the tokens of one sequence, for the sequence-wise balance loss).
 
     Every decision is local to this rank's tokens, so an expert-parallel layer that calls this
     makes the same decisions as the data-parallel one."""
     logits_TE = router(x_TH)
-    probs_TE, expert_TK, weight_TK = choose_experts(
-        logits_TE, top_k=cfg.top_k, routing=cfg.routing, sinkhorn_iters=cfg.sinkhorn_iters, training=training,
-    )
+    probs_TE, expert_TK, weight_TK = router_choice(cfg, logits_TE, training, router.balance_bias)
     factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
     capacity = capacity_for(x_TH.shape[0], cfg.num_experts, factor)
     assignment = apply_capacity(expert_TK, weight_TK, probs_TE, capacity, cfg.overflow)
-    stats = router_stats(logits_TE, probs_TE, expert_TK, assignment.dropped_fraction, cfg.num_experts)
+    stats = router_stats(logits_TE, probs_TE, expert_TK, assignment.dropped_fraction, cfg.num_experts,
+                         seq_len if cfg.aux_loss_scope == "sequence" else None)
     return assignment, stats
 
 
@@ -129,9 +130,29 @@ def add_residual(y_TH: torch.Tensor, x_TH: torch.Tensor, assignment: Assignment,
     return y_TH.index_add(0, rows, residual(x_TH[rows]))
 
 
+class SharedExperts(nn.Module):
+    """`shared_experts` FFNs every token passes through, as one FFN of their summed width, with
+    Qwen2-MoE's optional per-token sigmoid gate. Dense parameters: data-parallel under expert
+    parallelism."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ffn = DenseFFN(cfg, cfg.shared_experts * (cfg.shared_ffn_size or cfg.ffn_size))
+        self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        y_TH = self.ffn(x_TH)
+        return y_TH if self.gate is None else torch.sigmoid(self.gate(x_TH)) * y_TH
+
+
+def add_shared(y_TH: torch.Tensor, x_TH: torch.Tensor, shared: Optional[SharedExperts]) -> torch.Tensor:
+    return y_TH if shared is None else y_TH + shared(x_TH)
+
+
 class MoELayer(nn.Module):
-    """Route, run the experts, combine. Returns the output tensor alone; its routing statistics
-    and balance losses go to the model's `RoutingCollector` under this layer's index."""
+    """Route, run the experts, combine, add the shared experts. Returns the output tensor alone;
+    its routing statistics and balance losses go to the model's `RoutingCollector` under this
+    layer's index."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int = 0, collector: Optional[RoutingCollector] = None) -> None:
         super().__init__()
@@ -141,10 +162,12 @@ class MoELayer(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         self.residual = DenseFFN(cfg) if cfg.overflow == "residual" else None
+        self.shared = SharedExperts(cfg) if cfg.shared_experts else None
 
     def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
-        assignment, stats = route(self.router, self.cfg, x_TH, self.training)
+        assignment, stats = route(self.router, self.cfg, x_TH, self.training, x_BLH.shape[-2])
         self.collector.record(self.layer_index, stats)
         y_TH = dispatch_combine(x_TH, assignment, self.experts)
-        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH)
+        y_TH = add_residual(y_TH, x_TH, assignment, self.residual)
+        return add_shared(y_TH, x_TH, self.shared).view_as(x_BLH)

@@ -9,10 +9,11 @@ layer's index. The model reads them back after its layers ran: on device, no hos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ava.model.losses import entropy, gini, load_balancing_loss, routed_counts, router_z_loss
+from ava.model.losses import entropy, gini, load_balancing_loss, routed_counts, router_z_loss, sequence_balancing_loss
 
 
 @dataclass
@@ -32,13 +33,18 @@ class RouterStats:
 
 
 def router_stats(logits_TE: torch.Tensor, probs_TE: torch.Tensor, expert_TK: torch.Tensor,
-                 dropped_fraction: torch.Tensor, num_experts: int) -> RouterStats:
-    """The stats (and the aux/z losses, which keep their graph) of one routing decision."""
+                 dropped_fraction: torch.Tensor, num_experts: int, seq_len: Optional[int] = None) -> RouterStats:
+    """The stats (and the aux/z losses, which keep their graph) of one routing decision; with
+    `seq_len`, the balance loss is the sequence-wise one (`model.aux_loss_scope=sequence`)."""
     counts_E = routed_counts(expert_TK, num_experts)
+    if seq_len is None:
+        aux = load_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK)
+    else:
+        aux = sequence_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK, seq_len=seq_len)
     return RouterStats(
         tokens_per_expert=counts_E,
         dropped_fraction=dropped_fraction.detach(),
-        aux_loss=load_balancing_loss(probs_TE=probs_TE, expert_TK=expert_TK),
+        aux_loss=aux,
         z_loss=router_z_loss(logits_TE=logits_TE),
         gini=gini(counts_E),
         entropy=entropy(counts_E),

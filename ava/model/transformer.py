@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ava.config import ModelConfig
 from ava.model.attention import CausalSelfAttention, KVCache
-from ava.model.experts import depth_scaled_std, init_experts
+from ava.model.experts import DenseFFN, depth_scaled_std, init_experts
 from ava.model.moe import MoELayer
 from ava.model.rope import RotaryEmbedding
 from ava.model.routing_stats import RouterStats, RoutingCollector
@@ -30,14 +30,18 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """`x + Attn(Norm(x))`, then `x + MoE(Norm(x))`."""
+    """`x + Attn(Norm(x))`, then `x + FFN(Norm(x))`: the MoE layer (`moe`), or for a layer the
+    config lists as dense, a dense MLP (`mlp`, width `dense_ffn_size`). The FFN's norm is
+    `moe_norm` in both, so the tensor names stay one scheme."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int, collector: RoutingCollector) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.moe_norm = make_norm(cfg)
-        self.moe = MoELayer(cfg, layer_index, collector)
+        dense = layer_index not in cfg.moe_layers
+        self.moe: Optional[MoELayer] = None if dense else MoELayer(cfg, layer_index, collector)
+        self.mlp: Optional[DenseFFN] = DenseFFN(cfg, cfg.dense_ffn_size) if dense else None
 
     def forward(
         self,
@@ -49,7 +53,8 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         a, kv = self.attn(self.attn_norm(x), cos, sin, key_valid, past_kv)
         x = x + a
-        return x + self.moe(self.moe_norm(x)), kv
+        ffn = self.moe if self.moe is not None else self.mlp
+        return x + ffn(self.moe_norm(x)), kv
 
 
 @dataclass
@@ -57,9 +62,9 @@ class AvaOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
     lm_loss: Optional[torch.Tensor] = None
-    aux_loss: Optional[torch.Tensor] = None  # mean over layers
-    z_loss: Optional[torch.Tensor] = None  # mean over layers
-    router_stats: list[RouterStats] = field(default_factory=list)
+    aux_loss: Optional[torch.Tensor] = None  # mean over MoE layers (0 for a dense model)
+    z_loss: Optional[torch.Tensor] = None  # mean over MoE layers (0 for a dense model)
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
     past_key_values: Optional[list[KVCache]] = None
 
 
@@ -68,7 +73,7 @@ class AvaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta)
         self.routing = RoutingCollector()  # fed by every MoE layer in its forward
         self.layers = nn.ModuleList(Block(cfg, i, self.routing) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
@@ -81,14 +86,15 @@ class AvaForCausalLM(nn.Module):
         with torch.no_grad():
             for name, module in self.named_modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
-                    is_output = name.endswith(("o_proj", "down_proj"))
+                    is_output = name.endswith(("o_proj", "down_proj"))  # residual-branch outputs
                     module.weight.normal_(0.0, out_std if is_output else std)
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
                 elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                     module.reset_parameters()
             for layer in self.layers:
-                init_experts(layer.moe.experts, std, out_std)
+                if layer.moe is not None:
+                    init_experts(layer.moe.experts, std, out_std)
 
     def forward(
         self,
@@ -130,13 +136,16 @@ class AvaForCausalLM(nn.Module):
                 x, kv = layer(x, cos, sin, attention_mask, past)
             if use_cache:
                 cache.append(kv)
-        stats = self.routing.take(list(range(self.cfg.num_layers)))
+        stats = self.routing.take(self.cfg.moe_layers)
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)
 
-        aux = torch.stack([s.aux_loss for s in stats]).mean()
-        z = torch.stack([s.z_loss for s in stats]).mean()
+        if stats:
+            aux = torch.stack([s.aux_loss for s in stats]).mean()
+            z = torch.stack([s.z_loss for s in stats]).mean()
+        else:
+            aux = z = logits.new_zeros((), dtype=torch.float32)
         out = AvaOutput(logits=logits, aux_loss=aux, z_loss=z, router_stats=stats,
                         past_key_values=cache if use_cache else None)
         if labels is not None:
@@ -147,13 +156,16 @@ class AvaForCausalLM(nn.Module):
         return out
 
     def num_parameters(self, active_only: bool = False) -> int:
-        """Unique parameters (tied weights once). Active: what one token uses — top_k of E experts,
-        without the `residual` FFN, which serves only overflow tokens."""
+        """Unique parameters (tied weights once). Active: what one token uses — top_k of E experts
+        (shared experts and dense layers in full), without the `residual` FFN, which serves only
+        overflow tokens."""
         total = sum(p.numel() for p in self.parameters())
         if not active_only:
             return total
         cfg = self.cfg
         for layer in self.layers:
+            if layer.moe is None:
+                continue
             expert_params = sum(p.numel() for p in layer.moe.experts.parameters())
             total -= expert_params - expert_params // cfg.num_experts * cfg.top_k
             if layer.moe.residual is not None:
@@ -162,10 +174,11 @@ class AvaForCausalLM(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 x (active non-embedding params + the LM-head matmul, which
-        a tied embedding still computes) + 12 x layers x hidden x seq_len for attention scores."""
+        a tied embedding still computes) + 12 x layers x heads x head_dim x seq_len for attention
+        scores and values (grouped-query attention shares k/v, not the score matmuls)."""
         cfg = self.cfg
         embedding = cfg.vocab_size * cfg.hidden_size
         matmul_params = self.num_parameters(active_only=True) - embedding
         if self.lm_head is None:
             matmul_params += embedding
-        return 6 * matmul_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+        return 6 * matmul_params + 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len

@@ -33,8 +33,12 @@ class ExpertMonitor(Callback):
 
     def __init__(self, *, num_layers: int, num_experts: int, top_k: int, log_every: int,
                  heatmap_every: int, dead_expert_steps: int, collapse_gini: float,
-                 collapse_steps: int, device: Any) -> None:
+                 collapse_steps: int, device: Any, layer_ids: Optional[List[int]] = None) -> None:
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        # the model's index of each MoE layer (dense layers have none), which names its metrics
+        self.layer_ids = list(layer_ids) if layer_ids is not None else list(range(num_layers))
+        if len(self.layer_ids) != num_layers:
+            raise ValueError(f"layer_ids {self.layer_ids} do not name {num_layers} MoE layers")
         self.log_every, self.heatmap_every = log_every, heatmap_every
         self.dead_expert_steps = dead_expert_steps
         self.collapse_gini, self.collapse_steps = collapse_gini, collapse_steps
@@ -105,7 +109,7 @@ class ExpertMonitor(Callback):
             ginis.append(g)
             dead = int((alive[layer] == 0).sum())
             dead_total += dead
-            prefix = f"moe/layer{layer}"
+            prefix = f"moe/layer{self.layer_ids[layer]}"
             metrics.update({
                 f"{prefix}/gini": g,
                 f"{prefix}/entropy": float(entropy(c)) if float(c.sum()) > 0 else 0.0,
@@ -140,12 +144,13 @@ class ExpertMonitor(Callback):
                                f"since step {since}")
             if dead:
                 reasons.append(f"dead experts {dead} (no tokens for {self.dead_expert_steps} steps)")
-            key = f"layer{layer}"
+            name = self.layer_ids[layer]
+            key = f"layer{name}"
             if reasons and not self.alerted.get(key):
                 self.alerted[key] = True
                 events.append({"event": "alert", "kind": "router_collapse", "step": step,
-                               "layer": layer, "title": f"Router collapse in MoE layer {layer}",
-                               "text": f"step {step}: layer {layer}: " + "; ".join(reasons),
+                               "layer": name, "title": f"Router collapse in MoE layer {name}",
+                               "text": f"step {step}: layer {name}: " + "; ".join(reasons),
                                "load": (c / c.sum().clamp_min(1.0)).tolist()})
             elif not reasons:
                 self.alerted[key] = False

@@ -28,8 +28,12 @@ def implementation(model: ModelConfig) -> str:
     """`autoep` where AutoEP's layer is this model's exact function, `sharded` otherwise."""
     exact = (model.activation == "swiglu" and model.routing == "topk" and model.router_jitter == 0.0
              and model.capacity_factor is None and model.eval_capacity_factor is None
-             # `residual` overflow keeps a dense FFN that AutoEP's replacement layer would drop
-             and model.overflow != "residual")
+             # `residual` overflow and shared experts are dense FFNs that AutoEP's layer would drop
+             and model.overflow != "residual" and model.shared_experts == 0
+             # AutoEP's router is softmax -> top-k -> renormalise, unscaled
+             and model.router_score == "softmax" and model.normalize_top_k
+             and model.routed_scaling_factor == 1.0 and model.aux_loss_scope == "batch"
+             and not model.expert_bias)
     return "autoep" if exact else "sharded"
 
 
@@ -47,7 +51,8 @@ def check_expert_parallel(model: ModelConfig, ep: int, world_size: int, zero_sta
     if zero_stage not in stages:
         why = ("DeepSpeed reduces expert gradients over the expert-data-parallel group there" if zero_stage == 0 else
                "this model runs on Ava's expert-parallel layer (it is not SwiGLU with dropless, jitter-free "
-               "top-k routing, which DeepSpeed AutoEP needs for ZeRO-3), and DeepSpeed refuses such layers "
+               "renormalised softmax top-k routing and no shared experts, which DeepSpeed AutoEP needs "
+               "for ZeRO-3), and DeepSpeed refuses such layers "
                "under ZeRO-3")
         listed = f"{', '.join(map(str, stages[:-1]))} or {stages[-1]}"
         raise ConfigError(f"{key} needs ZeRO stage {listed} ({why}); "

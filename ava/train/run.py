@@ -34,6 +34,7 @@ from ava.train.checkpoint import CheckpointManager
 from ava.train.checkpointing import Checkpointing, save_checkpoint
 from ava.train.engine import build_engine
 from ava.train.evaluate import Evaluator
+from ava.train.expert_bias import expert_bias_callback
 from ava.train.faults import FaultInjector
 from ava.train.health_callback import HealthCallback
 from ava.train.plan import TrainPlan, make_plan
@@ -140,7 +141,8 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
     m = t.monitor
     own: List[Callback] = [
         health,
-        ExpertMonitor(num_layers=cfg.model.num_layers, num_experts=cfg.model.num_experts,
+        ExpertMonitor(num_layers=len(cfg.model.moe_layers), layer_ids=cfg.model.moe_layers,
+                      num_experts=cfg.model.num_experts,
                       top_k=cfg.model.top_k, log_every=t.log_every, heatmap_every=cfg.logger.heatmap_every,
                       dead_expert_steps=m.dead_expert_steps, collapse_gini=m.collapse_gini,
                       collapse_steps=m.collapse_steps, device=engine.device),
@@ -148,6 +150,9 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
                           device_peak_tflops(engine.device, m.peak_tflops)),
         MemoryMonitor(m.memory_warn_fraction, engine.device),
     ]
+    if cfg.model.expert_bias:
+        own.append(expert_bias_callback(engine.module, cfg.model.moe_layers, cfg.model.bias_update_rate,
+                                        engine.device))
     run = Run(cfg=cfg, run_dir=run_dir, plan=plan, data=data, engine=engine,
               schedule=engine.lr_scheduler,
               loader=BlockLoader(data.train, micro_batch_size=plan.micro, rank=rank,

@@ -1,5 +1,6 @@
 """Expert parallelism for the models DeepSpeed's AutoEP cannot run exactly: GELU experts (with
-biases), capacity, `next_best`/`residual` overflow, router jitter, Sinkhorn routing.
+biases), capacity, `next_best`/`residual` overflow, router jitter, Sinkhorn routing, sigmoid
+scores, unnormalised or scaled weights, shared experts (kept on every rank, data-parallel).
 
 `ShardedMoELayer` takes a `MoELayer`'s place on each rank and keeps the routing local: the same
 `route()` as at ep=1 decides every (token, expert) slot and applies capacity on this rank's
@@ -33,7 +34,7 @@ from torch import nn
 
 from ava.config import ConfigError, ModelConfig
 from ava.model.expert_loop import gelu_forward, swiglu_forward
-from ava.model.moe import MoELayer, add_residual, route, slot_order
+from ava.model.moe import MoELayer, add_residual, add_shared, route, slot_order
 from ava.model.transformer import AvaForCausalLM
 
 
@@ -61,7 +62,7 @@ class ShardedMoELayer(MoE):
     def __init__(self, layer: MoELayer, ep: int, ep_rank: int) -> None:
         nn.Module.__init__(self)  # not MoE.__init__: it builds DeepSpeed's own gate and dispatcher
         cfg: ModelConfig = layer.cfg
-        self.cfg, self.router, self.residual = cfg, layer.router, layer.residual
+        self.cfg, self.router, self.residual, self.shared = cfg, layer.router, layer.residual, layer.shared
         self.layer_index, self.collector = layer.layer_index, layer.collector
         # the attributes DeepSpeed's engine and checkpoint code read from an MoE layer
         self.ep_size, self.num_experts = ep, cfg.num_experts
@@ -98,7 +99,7 @@ class ShardedMoELayer(MoE):
 
     def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
-        assignment, stats = route(self.router, self.cfg, x_TH, self.training)
+        assignment, stats = route(self.router, self.cfg, x_TH, self.training, x_BLH.shape[-2])
         self.collector.record(self.layer_index, stats)
         num_experts, top_k = self.num_experts, assignment.expert_TK.shape[1]
         key_A, order_S = slot_order(assignment, num_experts)
@@ -111,7 +112,8 @@ class ShardedMoELayer(MoE):
         y_SH = _AllToAllV.apply(self.ep_group, y_RH, plan.output_splits, plan.input_splits)
         weight_S = assignment.weight_TK.reshape(-1)[order_S]
         y_TH = torch.zeros_like(x_TH).index_add(0, token_S, y_SH * weight_S[:, None].to(y_SH.dtype))
-        return add_residual(y_TH, x_TH, assignment, self.residual).view_as(x_BLH)
+        y_TH = add_residual(y_TH, x_TH, assignment, self.residual)
+        return add_shared(y_TH, x_TH, self.shared).view_as(x_BLH)
 
     def _run_local_experts(self, x_RH: torch.Tensor, counts_SL: torch.Tensor) -> torch.Tensor:
         """Received rows come grouped by source rank, then by local expert (`counts_SL`); each
@@ -136,4 +138,5 @@ def expert_parallel_rank(rank: int, world_size: int, ep: int, data_before_expert
 def shard_experts(model: AvaForCausalLM, ep: int, ep_rank: int) -> None:
     """Put a `ShardedMoELayer` in every `MoELayer`'s place (before `deepspeed.initialize`)."""
     for block in model.layers:
-        block.moe = ShardedMoELayer(block.moe, ep, ep_rank)
+        if block.moe is not None:  # dense layers stay data-parallel
+            block.moe = ShardedMoELayer(block.moe, ep, ep_rank)

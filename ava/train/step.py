@@ -53,7 +53,8 @@ def train_step(run: Run, stop_requested: bool) -> StepOutput:
         timer.begin("backward")
         engine.backward(loss)
         timer.end()
-        dropped = torch.stack([s.dropped_fraction.float() for s in out.router_stats]).mean()
+        dropped = (torch.stack([s.dropped_fraction.float() for s in out.router_stats]).mean()
+                   if out.router_stats else out.loss.new_zeros(()))  # a dense model routes nothing
         sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),
                              out.z_loss.detach(), dropped]).double()
         callbacks.post_micro_batch(state, out.router_stats)

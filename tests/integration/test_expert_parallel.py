@@ -24,8 +24,15 @@ from .conftest import REPO, TIMEOUT_S, free_port
 MODELS = {
     # AutoEP routes dropless top-k without jitter into SwiGLU experts: the model is that function
     "autoep": ["model.activation=swiglu", "model.bias=false", "model.router_jitter=0", "model.capacity_factor=null"],
-    # nano's GELU experts with biases and jitter; capacity 1.5 drops slots, which `residual` serves
-    "sharded": ["model.capacity_factor=1.5", "model.overflow=residual"],
+    # nano's GELU experts with biases and jitter; capacity 1.5 drops slots, which `residual` serves;
+    # and the newer families' options: GQA with q/k head norms and q/k/v biases, sigmoid scores
+    # scaled, auxiliary-loss-free expert bias, a gated shared expert (data-parallel), a dense third
+    # layer (no experts to shard)
+    "sharded": ["model.capacity_factor=1.5", "model.overflow=residual", "model.num_kv_heads=2",
+                "model.qk_norm=head", "model.attn_bias=true", "model.router_score=sigmoid",
+                "model.routed_scaling_factor=2.0", "model.expert_bias=true", "model.bias_update_rate=0.01",
+                "model.shared_experts=1", "model.shared_expert_gate=true", "model.num_layers=3",
+                "model.dense_layers=[2]"],
 }
 COMMON = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=6", "trainer.save_every=3",
           "trainer.eval_every=3", "trainer.warmup_steps=1"]
@@ -94,6 +101,12 @@ def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, 
     resumed.check()
     assert "resuming from step_00000003 at step 3" in resumed.output
     assert resumed.losses() == {s: loss for s, loss in runs[impl, 2].losses().items() if s > 3}
+    if impl == "sharded":  # the expert bias (a buffer moved after every step) resumed bit for bit
+        biases = [{n: t for n, t in _module_state(r.run_dir, 6).items() if n.endswith("balance_bias")}
+                  for r in (resumed, runs[impl, 2])]
+        assert sorted(biases[0]) == ["layers.0.moe.router.balance_bias", "layers.1.moe.router.balance_bias"]
+        assert all(torch.equal(biases[0][n], biases[1][n]) for n in biases[1])
+        assert any(float(t.abs().max()) > 0 for t in biases[1].values())
     if impl != "autoep":
         return  # the refusal is the trainer's, the same for both: run once
 
@@ -104,6 +117,12 @@ def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, 
     assert (f"checkpoint {tag} was saved with trainer.expert_parallel_size=2 and this run has 1: each rank's "
             "experts and optimizer shards follow that split.") in other.output
     assert "Traceback" not in other.output
+
+
+def _module_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    # our own test artifact, written by DeepSpeed with pickled extras: not untrusted input
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
 def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:

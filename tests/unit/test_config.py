@@ -30,7 +30,19 @@ def test_every_config_composes_and_validates(group, option):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_heads": 5}, "model.hidden_size=64 must be divisible by model.num_heads=5"),
+        ({"num_heads": 5}, "model.hidden_size=64 must be divisible by model.num_heads=5 (or set model.head_dim)"),
+        ({"num_kv_heads": 3}, "model.num_kv_heads=3 must divide model.num_heads=4"),
+        ({"num_kv_heads": 0}, "model.num_kv_heads=0 must be a positive integer or null"),
+        ({"head_dim": 15}, "model.head_dim=15 (hidden_size/num_heads unless set) must be even for rotary embeddings"),
+        ({"qk_norm": "layer"}, "model.qk_norm='layer' is not supported; expected one of ['none', 'head', 'full']"),
+        ({"router_score": "tanh"}, "model.router_score='tanh' is not supported; expected one of "
+                                   "['softmax', 'sigmoid']"),
+        ({"dense_layers": [0, 2]}, "model.dense_layers=[0, 2]: [2] are not layer indices 0..1"),
+        ({"first_dense_layers": 3}, "model.first_dense_layers=3 exceeds model.num_layers=2"),
+        ({"shared_expert_gate": True}, "model.shared_expert_gate=true needs model.shared_experts > 0"),
+        ({"routed_scaling_factor": 0.0}, "model.routed_scaling_factor=0.0 must be positive"),
+        ({"aux_loss_scope": "token"}, "model.aux_loss_scope='token' is not supported; expected one of "
+                                      "['batch', 'sequence']"),
         ({"top_k": 5}, "model.top_k=5 must not exceed model.num_experts=4"),
         ({"overflow": "spill"}, "model.overflow='spill' is not supported; expected one of "
                                 "['drop', 'next_best', 'residual']"),

@@ -98,10 +98,11 @@ def test_a_config_json_refusal_names_the_file_once(mixtral_export, tmp_path):
     path = _copy(mixtral_export[0], tmp_path)
     config = json.loads((path / "config.json").read_text())
     config.pop("ava_config")  # read as a transformers Mixtral config
-    config["num_key_value_heads"] = 2
+    config["sliding_window"] = 4096
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointFormatError) as err:
         load_model(path)
     message = str(err.value)
-    assert message.startswith(f"{path / 'config.json'}: num_key_value_heads=2")
+    assert message == (f"{path / 'config.json'}: sliding_window=4096: Ava's attention has no sliding "
+                       "window, so this model cannot load")
     assert message.count("config.json") == 1

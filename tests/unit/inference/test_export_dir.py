@@ -76,3 +76,42 @@ def test_mixtral_like_export_auto_picks_mixtral(tokenizer_file, tmp_path):
     model = make_model(2, **MIXTRAL_LIKE)
     out = export_state_dict(model.state_dict(), model.cfg, tmp_path / "auto", tokenizer=tokenizer_file)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_transformers_runs_a_grouped_query_mixtral_export_with_its_own_head_dim(tokenizer_file, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
+    model = make_model(3, **MIXTRAL_LIKE, num_kv_heads=2, head_dim=24)
+    out = export_state_dict(model.state_dict(), model.cfg, tmp_path / "gqa", tokenizer=tokenizer_file)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_heads"], config["head_dim"]) == ("mixtral", 2, 24)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.model.layers[0].self_attn.k_proj.weight.shape == (48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, model(IDS).logits, atol=1e-4, rtol=1e-4)
+    config.pop("ava_config")  # Ava reads a transformers-written GQA Mixtral config too
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = load_model(out)
+    assert (loaded.model.cfg.num_kv_heads, loaded.model.cfg.head_dim) == (2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(IDS).logits, model(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+NEW_ARCHITECTURE = {**MIXTRAL_LIKE, "num_layers": 3, "num_kv_heads": 1, "qk_norm": "full", "attn_bias": True,
+                    "first_dense_layers": 1, "dense_ffn_size": 96, "shared_experts": 1, "shared_expert_gate": True,
+                    "router_score": "sigmoid", "normalize_top_k": False, "routed_scaling_factor": 2.0}
+
+
+def test_every_architecture_option_exports_in_avas_layout_and_reloads_exactly(tokenizer_file, tmp_path):
+    model = make_model(4, **NEW_ARCHITECTURE)
+    with pytest.raises(ValueError) as err:
+        export_state_dict(model.state_dict(), model.cfg, tmp_path / "x", tokenizer=tokenizer_file, layout="mixtral")
+    for problem in ("model.qk_norm='full' (Mixtral has no q/k norm)", "model.attn_bias=true",
+                    "dense layers [0] (every Mixtral layer is MoE)", "model.shared_experts=1",
+                    "router_score='sigmoid', normalize_top_k=False, routed_scaling_factor=2.0"):
+        assert problem in str(err.value)
+    out = export_state_dict(model.state_dict(), model.cfg, tmp_path / "ava", tokenizer=tokenizer_file)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "ava"
+    loaded = load_model(out)
+    assert loaded.model.cfg == model.cfg
+    with torch.no_grad():
+        assert torch.equal(loaded.model(IDS).logits, model(IDS).logits)

@@ -55,3 +55,41 @@ def test_flops_per_token_formula():
     active_matmul = model.num_parameters(active_only=True)  # tied: embedding rows == LM head matmul
     expected = 6 * active_matmul + 12 * cfg.num_layers * cfg.hidden_size * 128
     assert model.flops_per_token(128) == expected
+
+
+def family_closed_form(c) -> tuple[int, int]:
+    """(total, active) for the family-shaped presets (RMSNorm, SwiGLU, no biases, untied)."""
+    d = c.head_dim or c.hidden_size // c.num_heads
+    h, kv = c.hidden_size, c.num_kv_heads or c.num_heads
+    attn = 2 * h * c.num_heads * d + 2 * h * kv * d  # q and o; k and v of the kv heads
+    attn += {"none": 0, "head": 2 * d, "full": c.num_heads * d + kv * d}[c.qk_norm]
+    dense = set(range(c.first_dense_layers)) | set(c.dense_layers)
+    moe_layers = c.num_layers - len(dense)
+    expert = 3 * h * c.ffn_size
+    shared = 3 * h * c.shared_experts * (c.shared_ffn_size or c.ffn_size)
+    dense_mlp = 3 * h * (c.dense_ffn_size or c.ffn_size)
+    fixed = 2 * c.vocab_size * h + h + c.num_layers * (attn + 2 * h) + len(dense) * dense_mlp
+    moe_fixed = moe_layers * (h * c.num_experts + shared)
+    return (fixed + moe_fixed + moe_layers * c.num_experts * expert,
+            fixed + moe_fixed + moe_layers * c.top_k * expert)
+
+
+FAMILIES = {  # preset: (kv heads, head_dim, qk_norm, experts, top_k, dense layers, shared experts, router)
+    "mini_mixtral": (2, 32, "none", 8, 2, 0, 0, ("softmax", True, 1.0)),
+    "mini_olmoe": (8, 32, "full", 64, 8, 0, 0, ("softmax", False, 1.0)),
+    "mini_qwen3_moe": (2, 64, "head", 64, 8, 0, 0, ("softmax", True, 1.0)),
+    "mini_deepseek": (8, 32, "none", 32, 4, 1, 1, ("sigmoid", True, 2.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_presets_have_their_shape_and_closed_form_counts(name):
+    kv, d, qk_norm, experts, top_k, dense, shared, router = FAMILIES[name]
+    cfg = model_preset(name)
+    assert (cfg.kv_heads, cfg.dim_per_head, cfg.qk_norm, cfg.num_experts, cfg.top_k) == (kv, d, qk_norm, experts, top_k)
+    assert (cfg.num_layers - len(cfg.moe_layers), cfg.shared_experts) == (dense, shared)
+    assert (cfg.router_score, cfg.normalize_top_k, cfg.routed_scaling_factor) == router
+    assert not cfg.tie_embeddings and cfg.capacity_factor in (None, 3.0)
+    with torch.device("meta"):
+        model = AvaForCausalLM(cfg)
+    assert (model.num_parameters(), model.num_parameters(active_only=True)) == family_closed_form(cfg)
