@@ -138,8 +138,8 @@ class AvaForCausalLM(nn.Module):
                 cache.append(kv)
         stats = self.routing.take(self.cfg.moe_layers)
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        # an untied head runs as its module (ZeRO-3 gathers a partitioned weight in its hooks)
+        logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
 
         if stats:
             aux = torch.stack([s.aux_loss for s in stats]).mean()

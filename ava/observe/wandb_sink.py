@@ -19,7 +19,9 @@ from ava.observe.console import _fmt
 log = logging.getLogger("ava.train")
 
 HEATMAP_KEY = "moe/load_heatmap"
-DROPPED_SUFFIX = "/dropped_fraction"  # per layer, drawn on the load-over-time images
+# per layer keys the load-over-time images use: the dropped fraction they draw, and the Gini,
+# whose layer numbers name the heatmap's rows (dense layers have none)
+LOAD_SUFFIXES = ("/dropped_fraction", "/gini")
 
 
 SECRET_ENV_HINTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -183,7 +185,7 @@ class WandbSink(Callback):
 
     @staticmethod
     def _load_record(metrics: Mapping[str, Any], step: int) -> Dict[str, Any]:
-        kept = {k: v for k, v in metrics.items() if k == HEATMAP_KEY or k.endswith(DROPPED_SUFFIX)}
+        kept = {k: v for k, v in metrics.items() if k == HEATMAP_KEY or k.endswith(LOAD_SUFFIXES)}
         return {"step": step, **kept} if kept else {}
 
     def _load_images(self, step: int) -> Dict[str, Any]:

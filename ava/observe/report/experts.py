@@ -21,8 +21,16 @@ LEGEND_COLUMNS = 5
 NO_HEATMAP = "no moe/load_heatmap logged (logger.heatmap_every=0?)"
 
 
+def moe_layer_ids(records: Sequence[Mapping[str, Any]], rows: int) -> List[int]:
+    """The model's index of each heatmap row: a heatmap lists the MoE layers in order, and a model
+    with dense layers (DeepSeek's first layer) names them by `moe/layer{L}/*` keys that skip those."""
+    ids = layers_with(records, "gini")
+    return ids if len(ids) == rows else list(range(rows))
+
+
 def _matrix_panel(matrix: List[List[float]], step: int, panel_id: str, title: str, *, label: str,
-                  cmap: str, centre: Optional[float], key: str = "", caption: str = "") -> Panel:
+                  cmap: str, centre: Optional[float], key: str = "", caption: str = "",
+                  row_names: Optional[List[int]] = None) -> Panel:
     """A layers x experts image with a colour bar, the values written in small matrices."""
     fig = new_figure(HEATMAP)
     ax = fig.add_subplot()
@@ -42,7 +50,7 @@ def _matrix_panel(matrix: List[List[float]], step: int, panel_id: str, title: st
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_xticks(range(experts))
-    ax.set_yticks(range(layers))
+    ax.set_yticks(range(layers), labels=[str(n) for n in (row_names or range(layers))])
     ax.set_title(f"step {step}", fontsize=9)
     fig.colorbar(image, ax=ax, label=label)
     return to_panel(fig, panel_id, title, matrix=matrix, key=key, caption=caption)
@@ -60,15 +68,19 @@ def heatmap_panel(records: Sequence[Mapping[str, Any]], panel_id: str = "experts
     experts = max(len(r) for r in matrix)
     return _matrix_panel(matrix, step, panel_id, title, label="fraction of the layer's tokens",
                          cmap="viridis", centre=None, key=HEATMAP_MEDIA_KEY,
+                         row_names=moe_layer_ids(records, len(matrix)),
                          caption=f"balanced: {1 / experts:.3f} per expert; a dark cell is an expert "
                                  "that gets (almost) no tokens")
 
 
-def load_over_time_panel(records: Sequence[Mapping[str, Any]], layer: int,
+def load_over_time_panel(records: Sequence[Mapping[str, Any]], row: int,
                          panel_id: Optional[str] = None) -> Panel:
-    """One layer: each expert's load fraction at every heatmap step, the balanced level, and the
-    layer's dropped fraction (right axis) where capacity drops tokens."""
-    maps = [(step, m[layer]) for step, m in heatmaps(records) if layer < len(m)]
+    """One MoE layer (heatmap row `row`): each expert's load fraction at every heatmap step, the
+    balanced level, and the layer's dropped fraction (right axis) where capacity drops tokens."""
+    all_maps = heatmaps(records)
+    rows = max((len(m) for _, m in all_maps), default=row + 1)
+    layer = moe_layer_ids(records, rows)[row] if row < rows else row  # the model's layer index
+    maps = [(step, m[row]) for step, m in all_maps if row < len(m)]
     fig = new_figure(HALF)
     ax = fig.add_subplot()
     title = f"Layer {layer}: expert load over time"
@@ -184,6 +196,7 @@ def bias_panel(records: Sequence[Mapping[str, Any]], panel_id: str = "experts-bi
     step, matrix = found
     return _matrix_panel(matrix, step, panel_id, "Expert bias (auxiliary-loss-free balancing)",
                          label="bias added to the selection scores", cmap="coolwarm", centre=0.0,
+                         row_names=moe_layer_ids(records, len(matrix)),
                          caption="red: raised for an under-loaded expert, blue: lowered for an over-loaded one")
 
 
@@ -191,7 +204,8 @@ def expert_panels(records: Sequence[Mapping[str, Any]], prefix: str = "") -> Lis
     """Every expert panel of one run, ids prefixed with `prefix` (to tell runs apart)."""
     panels = [heatmap_panel(records, f"{prefix}experts-heatmap")]
     layers = heatmap_layers(records) or len(layers_with(records, "gini"))
-    panels += [load_over_time_panel(records, layer, f"{prefix}experts-load-layer{layer}") for layer in range(layers)]
+    names = moe_layer_ids(records, layers)
+    panels += [load_over_time_panel(records, row, f"{prefix}experts-load-layer{names[row]}") for row in range(layers)]
     panels += [balance_panel(records, f"{prefix}experts-gini-entropy"),
                dropped_panel(records, f"{prefix}experts-dropped")]
     bias = bias_panel(records, f"{prefix}experts-bias")
