@@ -22,7 +22,10 @@ PEAK_FLOPS = {
 }
 
 # CPU default: the preset's width, fewer layers and a smaller vocabulary (a step in ~1 s).
-CPU_OVERRIDES = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512, "router_jitter": 0.0}
+# What MixtralForCausalLM computes: no router jitter, and dropless (a capacity that drops a slot
+# makes Ava's step another function; measured: mini_mixtral's step-0 loss differed by 4.4e-4)
+SAME_FUNCTION = {"router_jitter": 0.0, "capacity_factor": None}
+CPU_OVERRIDES = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -95,7 +98,7 @@ def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
               dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0) -> dict[str, Any]:
-    overrides = dict(CPU_OVERRIDES if device.type == "cpu" else {"router_jitter": 0.0}, **(overrides or {}))
+    overrides = {**SAME_FUNCTION, **(CPU_OVERRIDES if device.type == "cpu" else {}), **(overrides or {})}
     overrides["max_seq_len"] = max(int(overrides.get("max_seq_len", seq_len)), seq_len)
     cfg = model_preset(preset, **overrides)
     problems = mixtral_incompatibilities(cfg)
