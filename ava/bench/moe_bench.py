@@ -35,16 +35,27 @@ class Point:
     hidden: int
     ffn: int
     routing: str  # balanced | skewed
+    # DeepSeek-V3's router (sigmoid scores, a per-expert bias for the choice) instead of softmax,
+    # and shared experts of width I that every token passes through: Ava's own rows only (no peer
+    # computes these), against the dense bound of the same active FLOPs
+    router: str = "softmax"  # softmax | sigmoid_bias
+    shared: int = 0
 
     @property
     def label(self) -> str:
-        return f"T{self.tokens} E{self.experts} k{self.top_k} H{self.hidden}/I{self.ffn} {self.routing[:4]}"
+        extra = (" sigm+bias" if self.router != "softmax" else "") + (f" +{self.shared}sh" if self.shared else "")
+        return f"T{self.tokens} E{self.experts} k{self.top_k} H{self.hidden}/I{self.ffn} {self.routing[:4]}{extra}"
+
+    @property
+    def active(self) -> int:
+        """Expert FFNs a token passes through: its top-k and the shared ones."""
+        return self.top_k + self.shared
 
     @property
     def flops(self) -> int:
         """Expert matmul FLOPs of forward+backward: 3 matmuls of H x I per (token, expert) pair,
         2 FLOPs per multiply-add, backward twice the forward."""
-        return 3 * 2 * 3 * self.tokens * self.top_k * self.hidden * self.ffn
+        return 3 * 2 * 3 * self.tokens * self.active * self.hidden * self.ffn
 
 
 def default_sweep() -> list[Point]:
@@ -58,6 +69,8 @@ def default_sweep() -> list[Point]:
         Point(4096, 64, 2, 256, 512, "balanced"),
         Point(4096, 64, 8, 256, 512, "balanced"),
         Point(4096, 64, 8, 256, 128, "balanced"),  # fine-grained (OLMoE/Qwen3-MoE: many narrow experts)
+        Point(4096, 64, 8, 256, 128, "balanced", router="sigmoid_bias"),
+        Point(4096, 64, 8, 256, 128, "balanced", shared=1),
         Point(4096, 8, 2, 512, 1024, "balanced"),
         Point(4096, 8, 2, 256, 512, "skewed"),
         Point(4096, 64, 2, 256, 512, "skewed"),
@@ -78,19 +91,25 @@ def full_sweep() -> list[Point]:
 
 def quick_sweep() -> list[Point]:
     """Seconds, for tests and smoke runs."""
-    return [Point(256, 8, 2, 64, 128, "balanced"), Point(256, 8, 1, 64, 128, "skewed")]
+    return [Point(256, 8, 2, 64, 128, "balanced"), Point(256, 8, 1, 64, 128, "skewed"),
+            Point(256, 8, 2, 64, 128, "balanced", router="sigmoid_bias", shared=1)]
 
 
 def build(name: str, w: peers.MoEWeights, pt: Point) -> tuple[Optional[nn.Module], str]:
     """The implementation, or None and the reason it cannot run at this point."""
+    options = {"router_score": "sigmoid", "expert_bias": True} if pt.router == "sigmoid_bias" else {}
+    if pt.shared:
+        options["shared_experts"] = pt.shared
     if name == "ava":
-        return peers.ava_layer(w, pt.top_k), ""
+        return peers.ava_layer(w, pt.top_k, **options), ""
     if name in VARIANTS:
-        return peers.ava_layer(w, pt.top_k, backend="loop" if name == "ava_loop" else "grouped_mm"), ""
+        return peers.ava_layer(w, pt.top_k, backend="loop" if name == "ava_loop" else "grouped_mm", **options), ""
     if name == "dense":
-        return peers.DenseMLP(w, pt.top_k), ""
+        return peers.DenseMLP(w, pt.active), ""
     if name == "roofline":
-        return peers.Roofline(w, pt.top_k), ""
+        return peers.Roofline(w, pt.active), ""
+    if options:
+        return None, "n/a: computes softmax top-k without shared experts"
     if name == "naive":
         return peers.NaiveMoE(w, pt.top_k), ""
     if name in ("hf", "hf_eager"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +67,24 @@ def route(x_TH: torch.Tensor, router_EH: torch.Tensor, top_k: int) -> tuple[torc
     return weight / weight.sum(dim=-1, keepdim=True), expert
 
 
-def ava_layer(w: MoEWeights, top_k: int, backend: str = "auto") -> nn.Module:
-    """Ava's `MoELayer` (SwiGLU, no bias, dropless, no jitter) loaded with `w`."""
+def ava_layer(w: MoEWeights, top_k: int, backend: str = "auto", **options: Any) -> nn.Module:
+    """Ava's `MoELayer` (SwiGLU, no bias, dropless, no jitter) loaded with `w`; `options` are
+    further `ModelConfig` settings (sigmoid routing, expert bias, shared experts: the shared
+    experts get the first experts' weights, the bias a fixed spread of ±0.05)."""
     e, h, i = w.shape
     cfg = ModelConfig(name="bench", vocab_size=256, hidden_size=h, num_layers=1, num_heads=1, ffn_size=i,
                       num_experts=e, top_k=top_k, norm="rmsnorm", activation="swiglu", bias=False,
-                      router_jitter=0.0, capacity_factor=None, expert_backend=backend)
+                      router_jitter=0.0, capacity_factor=None, expert_backend=backend, **options)
     layer = MoELayer(cfg)
     with torch.no_grad():
+        if layer.router.balance_bias is not None:
+            layer.router.balance_bias.copy_(torch.linspace(-0.05, 0.05, e))
+        if layer.shared is not None:
+            n = cfg.shared_experts
+            ffn = layer.shared.ffn
+            ffn.gate_proj.weight.copy_(w.gate_EHI[:n].permute(0, 2, 1).reshape(n * i, h))
+            ffn.up_proj.weight.copy_(w.up_EHI[:n].permute(0, 2, 1).reshape(n * i, h))
+            ffn.down_proj.weight.copy_(w.down_EIH[:n].reshape(n * i, h).t())
         layer.router.gate.weight.copy_(w.router_EH)
         layer.experts.w_gate_up.copy_(torch.cat([w.gate_EHI, w.up_EHI], dim=2))
         layer.experts.w_down.copy_(w.down_EIH)

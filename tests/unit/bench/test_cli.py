@@ -37,9 +37,9 @@ def test_moe_quick_writes_json_and_prints_table_last(tmp_path):
     assert data["benchmark"] == "moe" and data["memory_method"]
     assert set(data["targets"]) >= {"ava_at_least_as_fast_as_fastest_peer_everywhere",
                                     "ava_within_1.25x_dense_for_E8_k2", "peak_activation_memory_within_1.5x_dense"}
-    assert len(data["points"]) == 2
-    for row in data["points"]:
-        assert set(row["point"]) == {"tokens", "experts", "top_k", "hidden", "ffn", "routing"}
+    assert len(data["points"]) == 3
+    for row in data["points"][:2]:
+        assert set(row["point"]) == {"tokens", "experts", "top_k", "hidden", "ffn", "routing", "router", "shared"}
         results = row["results"]
         assert set(results) == {"ava", "ava_loop", "ava_grouped", "dense", "roofline", "naive", "hf", "hf_eager",
                                     "deepspeed"}
@@ -55,8 +55,16 @@ def test_moe_quick_writes_json_and_prints_table_last(tmp_path):
             assert results["deepspeed"]["agrees"]
         assert {"best_peer", "speedup_vs_best_peer", "ava_over_dense_time", "ava_over_dense_memory"} <= set(
             row["summary"])
+    # DeepSeek's router and a shared expert: Ava's rows against the dense bound of k + 1 experts
+    variant = data["points"][2]
+    assert variant["label"].endswith("bala sigm+bias +1sh") and variant["flops"] == 3 * 2 * 3 * 256 * 3 * 64 * 128
+    for name in ("naive", "hf", "hf_eager", "deepspeed"):
+        assert variant["results"][name]["status"] == "n/a: computes softmax top-k without shared experts"
+    for name in ("ava_loop", "ava_grouped"):
+        assert variant["results"][name]["agrees"], variant["results"][name]
+    assert "ava_over_dense_time" in variant["summary"] and "best_peer" not in variant["summary"]
     tail = [line for line in stdout.splitlines() if line.strip()]
-    assert any("ava-bench moe" in line for line in tail[-8:])
+    assert any("ava-bench moe" in line for line in tail[-16:])  # the table is the last thing printed
 
 
 @pytest.mark.timeout(600)
