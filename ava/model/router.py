@@ -15,9 +15,9 @@ class Router(nn.Module):
 
     With `model.expert_bias`, `balance_bias` `[E]` is a buffer, not a parameter: no optimizer
     touches it, it is saved and restored with the module's state (checkpoints, export), and the
-    trainer moves it after each optimizer step (`update_expert_bias`). (Not named `expert_*`:
-    DeepSpeed's expert-parallel checkpoint takes every MoE-layer key containing "expert" for an
-    expert's own tensor.)"""
+    trainer moves it after each optimizer step (`update_expert_bias`). It is not named
+    `expert_*` because expert-parallel checkpointers take MoE-layer keys containing "expert" for
+    an expert's own tensor (`ava.train.expert_bias` says which)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -5,6 +5,8 @@ all-reduce per step), so every rank applies the same update and the biases stay 
 
 The bias is a buffer of the router: DeepSpeed's checkpoints and Ava's export carry it with the
 module, so resume and rollback restore it exactly and this callback keeps no state of its own.
+Its name, `balance_bias`, avoids "expert": DeepSpeed's `_save_moe_checkpoint` files every key of
+an MoE layer that contains "expert" as a per-expert tensor and fails on one that is not.
 """
 
 from __future__ import annotations
