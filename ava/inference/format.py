@@ -7,6 +7,7 @@ differs is refused here with a message that names the file and the fix.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,21 @@ from safetensors import safe_open
 
 from ava.config import ConfigError, ModelConfig
 from ava.files import sha256_file
+from ava.hf import family
+from ava.hf.families import FAMILIES
 from ava.hf.layouts import mixtral_to_ava, model_config_from_hf
 from ava.hf.shards import INDEX_NAME, SINGLE_NAME
 from ava.inference.errors import CheckpointFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+LAYOUTS = ("ava", "mixtral", *FAMILIES)  # model_type values Ava reads
+log = logging.getLogger("ava.inference")
 
 
 @dataclass
 class ExportedModel:
     path: Path
-    layout: str  # "ava" | "mixtral"
+    layout: str  # "ava" | "mixtral" | a family's model_type (`ava.hf.families`)
     config: ModelConfig
     hf_config: dict[str, Any]
     shards: dict[str, str]  # tensor name (as stored) -> shard file
@@ -62,13 +67,13 @@ def detect(path: str | Path) -> ExportedModel:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointFormatError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    layout = {"ava": "ava", "mixtral": "mixtral"}.get(hf.get("model_type", ""))
-    if layout is None:
+    layout = hf.get("model_type", "")
+    if layout not in LAYOUTS:
         raise CheckpointFormatError(
-            f"{config_path}: model_type={hf.get('model_type')!r} is not supported; expected 'ava' or 'mixtral'"
+            f"{config_path}: model_type={layout!r} is not supported; expected one of {sorted(LAYOUTS)}"
         )
     try:
-        cfg = model_config_from_hf(hf)
+        cfg = FAMILIES[layout].model_config(hf) if layout in FAMILIES else model_config_from_hf(hf)
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise CheckpointFormatError(f"{config_path}: {err}") from None
     if index_path.is_file():
@@ -84,7 +89,12 @@ def detect(path: str | Path) -> ExportedModel:
 
 
 def verify_checksums(model: ExportedModel) -> None:
-    """Recompute each shard's sha256 against the index; a flipped byte names its file."""
+    """Recompute each shard's sha256 against the index; a flipped byte names its file. A
+    directory `transformers` saved has no checksums: it loads, and says so once."""
+    if "ava_config" not in model.hf_config:
+        log.info("%s was not written by ava-export: it has no checksums, so its shards were not verified",
+                 model.path)
+        return
     index_path = model.path / INDEX_NAME
     if not index_path.is_file():
         return
@@ -113,9 +123,12 @@ def read_tensors(model: ExportedModel, verify: bool = True) -> dict[str, torch.T
                     tensors[name] = f.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types for truncated headers
             raise CheckpointFormatError(f"{model.path / shard} cannot be read as safetensors: {err}") from None
-    if model.layout == "mixtral":
+    if model.layout != "ava":
         try:
-            tensors = mixtral_to_ava(tensors, model.config)
+            if model.layout == "mixtral":
+                tensors = mixtral_to_ava(tensors, model.config)
+            else:
+                tensors = family.to_ava(tensors, model.config)
         except KeyError as err:
             raise CheckpointFormatError(f"{model.path}: {err.args[0]}") from None
         if model.config.tie_embeddings:
