@@ -1,4 +1,5 @@
-"""`ava-export SOURCE OUT_DIR [--layout ava|mixtral|auto] [--dtype fp32|bf16|fp16] [--max-shard-size 2GB]`."""
+"""`ava-export SOURCE OUT_DIR [--layout auto|ava|mixtral|<family>] [--dtype fp32|bf16|fp16]
+[--max-shard-size 2GB]` (families: `ava.hf.families`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from typing import Optional
 from rich.console import Console
 
 from ava.export.exporter import ExportError, export_checkpoint
+from ava.hf.layouts import LAYOUTS
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ava-export", description=__doc__.split("`")[0] or None)
     parser.add_argument("source", help="a run directory (newest complete checkpoint) or one checkpoint tag directory")
     parser.add_argument("out_dir", help="where to write the model directory (must not exist or be empty)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "ava", "mixtral"],
-                        help="tensor names: Ava's own, or transformers' Mixtral (auto: mixtral when compatible)")
+    parser.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS],
+                        help="tensor names and config.json: Ava's own, transformers' Mixtral, or a family "
+                             "(olmoe, qwen2_moe, qwen3_moe, llama, qwen2, qwen3); auto: mixtral when compatible")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="cast explicitly (default: keep the fp32 master weights)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")

@@ -20,6 +20,8 @@ from ava.config import ModelConfig
 from ava.export.card import model_card
 from ava.export.consolidate import consolidate
 from ava.export.writer import write_export_dir
+from ava.hf import family
+from ava.hf.families import FAMILIES
 from ava.hf.layouts import ava_to_mixtral, hf_config, resolve_layout
 from ava.model import AvaForCausalLM
 
@@ -180,7 +182,12 @@ def export_state_dict(
     if len(stored) != 1:
         raise ExportError(f"weights mix dtypes {sorted(map(str, stored))}; pass --dtype to pick one explicitly")
     out_dtype = stored.pop()
-    tensors = ava_to_mixtral(state, cfg) if chosen == "mixtral" else state
+    if chosen == "mixtral":
+        tensors = ava_to_mixtral(state, cfg)
+    elif chosen in FAMILIES:
+        tensors = family.from_ava(state, cfg)
+    else:
+        tensors = state
     specials = {t["content"]: t["id"] for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", [])}
     eos = specials.get("<|endoftext|>", 0)
     pad = specials.get("<|pad|>", eos)

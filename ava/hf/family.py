@@ -122,3 +122,83 @@ def _stack(per_expert: dict[int, torch.Tensor], layer: int, w: str, num_experts:
     if missing:
         raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({w})")
     return torch.stack([per_expert[e].t() for e in range(num_experts)]).contiguous()
+
+
+# ---------------------------------------------------------------- out: Ava -> a family's layout
+def common_config(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    """The `config.json` keys every Llama-style family writes, as `transformers` names them."""
+    return {
+        "architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "use_cache": True,
+    }
+
+
+def dense_layer_ids(cfg: ModelConfig) -> list[int]:
+    return sorted(set(range(cfg.num_layers)) - set(cfg.moe_layers))
+
+
+def signature(cfg: ModelConfig) -> dict[str, Any]:
+    """What decides the function an exported model computes (training-only settings left out)."""
+    sig: dict[str, Any] = {k: getattr(cfg, k) for k in (
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "dim_per_head", "qk_norm",
+        "attn_bias", "norm", "norm_eps", "activation", "bias", "rope_theta", "tie_embeddings", "moe_layers",
+        "eval_capacity_factor", "expert_bias")}
+    sig["residual overflow FFN"] = cfg.overflow == "residual"
+    if cfg.moe_layers:
+        sig.update({k: getattr(cfg, k) for k in ("ffn_size", "num_experts", "top_k", "router_score",
+                                                 "normalize_top_k", "routed_scaling_factor")})
+        sig["shared experts (width, gate)"] = ((cfg.shared_experts * (cfg.shared_ffn_size or cfg.ffn_size),
+                                               cfg.shared_expert_gate) if cfg.shared_experts else None)
+    if dense_layer_ids(cfg):
+        sig["dense MLP width"] = cfg.dense_ffn_size or cfg.ffn_size
+    return sig
+
+
+def incompatibilities(cfg: ModelConfig, module: Any) -> list[str]:
+    """Settings of `cfg` the family `module` cannot express: what its `config.json` would read
+    back as differs. [] when the family computes exactly this model."""
+    try:
+        back = signature(module.model_config(module.hf_config(cfg)))
+    except (ValueError, KeyError) as exc:
+        return [str(exc)]
+    ours = signature(cfg)
+    return [f"{k}={ours[k]!r} (the {module.MODEL_TYPE} layout gives {back.get(k)!r})"
+            for k in ours if ours[k] != back.get(k)]
+
+
+def from_ava(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `to_ava`, in the per-expert layout `transformers`' `save_pretrained` writes."""
+    out: dict[str, torch.Tensor] = {}
+    renames = tuple((new, old) for old, new in _RENAMES)
+    for name, t in state.items():
+        if name in ("embed_tokens.weight", "norm.weight"):
+            out["model." + name] = t
+            continue
+        if name == "lm_head.weight":
+            out[name] = t
+            continue
+        _, layer, rest = name.split(".", 2)
+        prefix = f"model.layers.{layer}."
+        if rest in ("moe.experts.w_gate_up", "moe.experts.w_down"):
+            if rest.endswith("w_gate_up"):
+                parts = dict(zip(("gate_proj", "up_proj"), t.chunk(2, dim=-1), strict=True))
+            else:
+                parts = {"down_proj": t}
+            for w, stacked in parts.items():
+                for e in range(cfg.num_experts):
+                    out[f"{prefix}mlp.experts.{e}.{w}.weight"] = stacked[e].t().contiguous()
+            continue
+        if rest.startswith("mlp."):  # a dense layer's MLP, named alike
+            out[prefix + rest] = t
+            continue
+        for new, old in renames:
+            if rest.startswith(new):
+                rest = old + rest[len(new):]
+                break
+        out[prefix + rest] = t
+    return out

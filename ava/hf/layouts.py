@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from ava.config import ModelConfig
+from ava.hf import family
+from ava.hf.families import FAMILIES
 
-LAYOUTS = ("ava", "mixtral")
+LAYOUTS = ("ava", "mixtral", *FAMILIES)
 _MIXTRAL_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 # Mixtral's per-expert [out, in] matrices in Ava's stacked `[E, in, out]` tensors: w1 (gate) is the
 # first half of `w_gate_up`'s columns, w3 (up) the second half, w2 is `w_down`.
@@ -51,9 +53,16 @@ def mixtral_incompatibilities(cfg: ModelConfig) -> list[str]:
 
 
 def resolve_layout(cfg: ModelConfig, layout: str) -> str:
-    """`auto` picks mixtral when possible; an explicit `mixtral` that cannot be met is an error."""
+    """`auto` picks mixtral when possible; an explicit `mixtral` or family layout that cannot be
+    met is an error naming every differing setting."""
     if layout not in (*LAYOUTS, "auto"):
-        raise ValueError(f"layout={layout!r} is not supported; expected one of ['ava', 'mixtral', 'auto']")
+        raise ValueError(f"layout={layout!r} is not supported; expected one of {[*LAYOUTS, 'auto']}")
+    if layout in FAMILIES:
+        differing = family.incompatibilities(cfg, FAMILIES[layout])
+        if differing:
+            raise ValueError(f"this model cannot be exported in the {layout} layout; differing settings: "
+                             + "; ".join(differing) + ". Use --layout ava (or auto).")
+        return layout
     problems = mixtral_incompatibilities(cfg)
     if layout == "auto":
         return "ava" if problems else "mixtral"
@@ -139,6 +148,8 @@ def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pa
     dtype_name = str(dtype).removeprefix("torch.")
     common: dict[str, Any] = {"torch_dtype": dtype_name, "eos_token_id": eos_id, "pad_token_id": pad_id,
                               "ava_config": asdict(cfg)}
+    if layout in FAMILIES:
+        return {**FAMILIES[layout].hf_config(cfg), "bos_token_id": eos_id, **common}
     if layout == "ava":
         return {"architectures": ["AvaForCausalLM"], "model_type": "ava", "vocab_size": cfg.vocab_size,
                 "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ava.config import ModelConfig
-from ava.hf.family import common_fields, refuse, sparse_layers
+from ava.hf.family import common_config, common_fields, dense_layer_ids, refuse, sparse_layers
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -18,3 +18,11 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
                        top_k=config["num_experts_per_tok"], normalize_top_k=bool(config.get("norm_topk_prob", False)),
                        qk_norm="head", dense_layers=sparse_layers(config),
                        dense_ffn_size=config["intermediate_size"])
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {**common_config(cfg, MODEL_TYPE, "Qwen3MoeForCausalLM"), "moe_intermediate_size": cfg.ffn_size,
+            "intermediate_size": cfg.dense_ffn_size or cfg.ffn_size, "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.top_k, "norm_topk_prob": cfg.normalize_top_k,
+            "mlp_only_layers": dense_layer_ids(cfg), "decoder_sparse_step": 1, "attention_bias": False,
+            "use_sliding_window": False, "sliding_window": None, "router_aux_loss_coef": cfg.aux_loss_coef}

@@ -114,3 +114,46 @@ def test_a_field_ava_cannot_express_is_refused_by_name(model_type, change, messa
     with pytest.raises(CheckpointFormatError) as err:
         load_model(path)
     assert str(err.value) == f"{path / 'config.json'}: {message}"
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_an_ava_export_in_the_family_layout_loads_in_transformers(model_type, tokenizer_file, tmp_path):
+    """transformers' model -> Ava -> `--layout <family>` -> transformers: the same logits, the
+    same tensor names and config keys that `save_pretrained` writes."""
+    from safetensors import safe_open
+
+    from ava.export import export_state_dict
+
+    path, hf = save_family(model_type, tmp_path, tokenizer_file)
+    model = load_model(path).model
+    out = export_state_dict(model.state_dict(), model.cfg, tmp_path / "out", tokenizer=tokenizer_file,
+                            layout=model_type)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    exported = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (out / "model.safetensors.index.json").is_file() else None
+    if exported is None:
+        with safe_open(out / "model.safetensors", "pt") as f:
+            exported = dict.fromkeys(f.keys())
+    assert set(exported) == names
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, hf(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_another_family_cannot_express_is_refused_naming_the_settings(tokenizer_file, tmp_path):
+    from ava.export import export_state_dict
+
+    path, _ = save_family("qwen2_moe", tmp_path, tokenizer_file)
+    model = load_model(path).model
+    with pytest.raises(ValueError) as err:
+        export_state_dict(model.state_dict(), model.cfg, tmp_path / "x", tokenizer=tokenizer_file, layout="olmoe")
+    message = str(err.value)
+    assert message.startswith("this model cannot be exported in the olmoe layout; differing settings: ")
+    for fact in ("qk_norm='none' (the olmoe layout gives 'full')", "attn_bias=True (the olmoe layout gives False)",
+                 "shared experts (width, gate)=(48, True) (the olmoe layout gives None)"):
+        assert fact in message
+    assert not (tmp_path / "x").exists()
