@@ -38,6 +38,9 @@ class AvaConfig:
     deepspeed: DeepSpeedConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 1234
+    # a Hugging Face model directory of a family Ava reads, or an Ava export: the architecture,
+    # the weights and the tokenizer come from there (ava.train.init_from)
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         # checks across groups (each group validated its own fields already)

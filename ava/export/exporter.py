@@ -130,6 +130,10 @@ def export_checkpoint(
     """Locate the checkpoint, consolidate it with DeepSpeed's tools, then `export_state_dict`."""
     src = locate(source)
     cfg, full_config = _model_config(src)
+    if layout == "auto":  # a run started from a family's checkpoint goes back to that family
+        family_name = ((full_config or {}).get("source") or {}).get("family")
+        if family_name in FAMILIES and not family.incompatibilities(cfg, FAMILIES[family_name]):
+            layout = family_name
     resolve_layout(cfg, layout)  # fail on an impossible layout before the slow consolidation
     tokenizer = _tokenizer_file(src)
     progress(f"consolidating {src.ckpt_dir / src.tag} with DeepSpeed's zero_to_fp32")
@@ -189,8 +193,10 @@ def export_state_dict(
     else:
         tensors = state
     specials = {t["content"]: t["id"] for t in json.loads(Path(tokenizer).read_text()).get("added_tokens", [])}
-    eos = specials.get("<|endoftext|>", 0)
-    pad = specials.get("<|pad|>", eos)
+    names = ((info.config or {}).get("data") or {}).get("tokenizer") or {}  # the run's own special tokens
+    eos_token, pad_token = names.get("eos_token", "<|endoftext|>"), names.get("pad_token", "<|pad|>")
+    eos = specials.get(eos_token, 0)
+    pad = specials.get(pad_token, eos)
     full_config = info.config or {"model": asdict(cfg)}
     card = model_card(cfg, chosen, out_dtype, total=meta_model.num_parameters(),
                       active=meta_model.num_parameters(active_only=True), step=info.step, tokens=info.tokens,
@@ -198,8 +204,8 @@ def export_state_dict(
     json_files = {
         "config.json": hf_config(cfg, chosen, out_dtype, eos, pad),
         "generation_config.json": {"eos_token_id": eos, "pad_token_id": pad, "max_new_tokens": 64},
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                                  "pad_token": "<|pad|>", "model_max_length": cfg.max_seq_len,
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
+                                  "pad_token": pad_token, "model_max_length": cfg.max_seq_len,
                                   "clean_up_tokenization_spaces": False},
     }
     text_files = {"README.md": card, "training_config.yaml": OmegaConf.to_yaml(OmegaConf.create(full_config))}

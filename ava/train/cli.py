@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     from ava.data import DataError, check_sources
     from ava.train.ds_compat import check_deepspeed
+    from ava.train.init_from import apply_source, describe, open_source
     from ava.train.loop import fit
     from ava.train.plan import make_plan
     from ava.train.run import build_run
@@ -100,7 +101,11 @@ def train(cfg: DictConfig) -> Optional[float]:
         if isinstance(exc, OmegaConfBaseException):
             _fail(str(exc).splitlines()[0])
         raise
+    source = None
     try:  # everything checkable without ranks talking: batch arithmetic, precision, lengths, paths
+        if typed.init_from:
+            source = open_source(typed.init_from)
+            typed = apply_source(typed, source, list(HydraConfig.get().overrides.task))
         check_deepspeed()
         plan = make_plan(typed.trainer, typed.deepspeed, typed.model, dist.env_world_size())
         check_sources(typed.data)
@@ -110,6 +115,9 @@ def train(cfg: DictConfig) -> Optional[float]:
     _configure_rank_logging()
     run_dir = rundir.agree_on_run_dir(HydraConfig.get().runtime.output_dir)
     resolved: Any = OmegaConf.to_container(cfg, resolve=True)
+    if source is not None:  # what the run really trains, and where it started (ava-export reads both)
+        resolved.update(model=dataclasses.asdict(typed.model), source=describe(source))
+        resolved["data"]["tokenizer"] = dataclasses.asdict(typed.data.tokenizer)
     try:
         # the handler is up before data preparation and stays up through the final save: a
         # SIGTERM at any point stops the run at the next step boundary, with a checkpoint

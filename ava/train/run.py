@@ -37,6 +37,7 @@ from ava.train.evaluate import Evaluator
 from ava.train.expert_bias import expert_bias_callback
 from ava.train.faults import FaultInjector
 from ava.train.health_callback import HealthCallback
+from ava.train.init_from import load_weights, open_source
 from ava.train.plan import TrainPlan, make_plan
 from ava.train.restore import resume
 from ava.train.schedule import Schedule
@@ -127,6 +128,10 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
         atomic_write(run_dir / "tokenizer.json", lambda tmp: shutil.copyfile(data.tokenizer_path, tmp))
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = AvaForCausalLM(cfg.model)
+    if cfg.init_from:  # before the engine: DeepSpeed partitions what it is given
+        source = open_source(cfg.init_from)
+        load_weights(model, source)
+        log.info("init_from: weights of %s (%s) loaded before step 0", source.path, source.layout)
     seq_len = cfg.data.seq_len
     flops_per_token = float(model.flops_per_token(seq_len))
     log.info("model %s: %s parameters (%s active per token), %.2f GFLOPs/token", cfg.model.name,

@@ -58,6 +58,14 @@ COMMANDS: Dict[str, How] = {
     "'.[dev,hf]' && python -m pytest": How(covered_by=".ci/run", why="the suite itself"),
     # --- Training
     "ava-train experiment=cpu_demo": How(covered_by="tests/integration/test_main_job.py"),
+    # --- Start from an existing model: no hub checkpoint can be downloaded here; the same
+    # commands run on checkpoints transformers saves in the tests
+    "ava-train experiment=smoke init_from=/models/Qwen3-30B-A3B data=files 'data.sources=[{path: my.jsonl}]'":
+        How(covered_by="tests/integration/test_init_from.py", why="a transformers-saved Qwen3-MoE, 2 ranks"),
+    "ava-export runs/my-run out/qwen3-tuned": How(covered_by="tests/integration/test_init_from.py",
+                                                  why="--layout auto back to qwen3_moe"),
+    "ava-generate /models/OLMoE-1B-7B --prompt 'def fib(n):'": How(
+        covered_by="tests/unit/hf/test_families.py", why="every family as transformers saves it"),
     "ava-train experiment=smoke logger=none": How(extra=["trainer.max_steps=4"],
                                                    expect="saved checkpoint"),
     "ava-train model=small deepspeed=zero3 trainer.lr=3e-4 trainer.max_steps=20000": How(

@@ -1,0 +1,123 @@
+"""`init_from=PATH`: start training from an existing model — a directory `transformers` saved for
+a family Ava reads (`ava.hf.families`, Mixtral) or an Ava export.
+
+The architecture comes from PATH's `config.json` and replaces the `model` group's preset, so
+`experiment=smoke init_from=PATH` works although smoke picks `nano`; an explicit command-line
+`model.<key>=` that contradicts the checkpoint is refused naming both values. Settings that only
+shape training (capacity, jitter, balance losses, expert bias, backend, checkpointing) stay the
+config's. PATH's `tokenizer.json` becomes the data tokenizer, with the checkpoint's end-of-text
+and padding tokens, and its weights are loaded into the model before the engine exists (on every
+rank, as the seeded initialisation they replace: one full fp32 copy per rank until DeepSpeed
+partitions it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from ava.config import AvaConfig, ConfigError
+from ava.files import sha256_file
+from ava.hf.shards import INDEX_NAME, SINGLE_NAME
+from ava.inference.errors import CheckpointFormatError
+from ava.inference.format import ExportedModel, check_against, detect, read_tensors
+
+log = logging.getLogger("ava.train")
+
+# model settings a run may choose for itself: they shape training, not the function learned so far
+TRAINING_ONLY = ("name", "router_jitter", "capacity_factor", "eval_capacity_factor", "overflow", "routing",
+                 "sinkhorn_iters", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "expert_bias",
+                 "bias_update_rate", "expert_backend", "loop_min_rows_per_expert", "activation_checkpointing",
+                 "init_std", "max_seq_len")
+
+
+def open_source(path: str) -> ExportedModel:
+    """PATH checked as a model directory Ava reads, with the tokenizer it must bring."""
+    root = Path(path).expanduser()
+    if root.is_dir() and not (root / "tokenizer.json").is_file():
+        raise ConfigError(f"init_from={path}: {root} has no tokenizer.json; Ava trains on the checkpoint's own "
+                          "tokenizer: save it there (transformers: AutoTokenizer.from_pretrained(...)"
+                          f".save_pretrained('{root}'))")
+    try:
+        return detect(root)
+    except CheckpointFormatError as exc:
+        raise ConfigError(f"init_from={path}: {exc}") from None
+
+
+def command_line_model_keys(overrides: List[str]) -> List[str]:
+    """`model.<key>` names set on the command line (`model.x=1`, `+model.x=1`, `++model.x=1`)."""
+    keys = []
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.startswith("model.") and "=" in item:
+            keys.append(key.removeprefix("model."))
+    return keys
+
+
+def special_tokens(source: ExportedModel) -> tuple[str, str]:
+    """(eos, pad) of the checkpoint: config.json's ids as tokens, else Ava's own names."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
+
+    def token(key: str) -> str | None:
+        ids = source.hf_config.get(key)
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        return tok.id_to_token(first) if isinstance(first, int) else None
+
+    eos = token("eos_token_id") or ("<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else None)
+    if eos is None:
+        raise ConfigError(f"init_from={source.path}: config.json names no eos_token_id and the tokenizer has "
+                          "no <|endoftext|>: Ava needs an end-of-text token to pack documents")
+    pad = token("pad_token_id") or (
+        "<|pad|>" if tok.token_to_id("<|pad|>") is not None else eos)
+    return eos, pad
+
+
+def apply_source(cfg: AvaConfig, source: ExportedModel, overrides: List[str]) -> AvaConfig:
+    """`cfg` with the checkpoint's architecture and tokenizer; refuses a contradicting override."""
+    imported = source.config
+    user = cfg.model
+    for key in command_line_model_keys(overrides):
+        if key in TRAINING_ONLY or not hasattr(imported, key):
+            continue
+        if getattr(user, key) != getattr(imported, key):
+            raise ConfigError(f"model.{key}={getattr(user, key)!r} contradicts init_from: "
+                              f"{source.path / 'config.json'} gives {key}={getattr(imported, key)!r}; drop the "
+                              "override (the architecture comes from the checkpoint)")
+    model = dataclasses.replace(imported, **{k: getattr(user, k) for k in TRAINING_ONLY if k != "name"})
+    eos, pad = special_tokens(source)
+    tokenizer = dataclasses.replace(cfg.data.tokenizer, path=str(source.path / "tokenizer.json"),
+                                    vocab_size=None, eos_token=eos, pad_token=pad,
+                                    special_tokens=list(dict.fromkeys([eos, pad])))
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
+
+
+def describe(source: ExportedModel) -> Dict[str, Any]:
+    """What the run records about where its weights came from (the resolved config's `source`)."""
+    index = source.path / INDEX_NAME
+    weights = index if index.is_file() else source.path / SINGLE_NAME
+    return {"path": str(source.path.resolve()), "family": source.layout, "file": weights.name,
+            "sha256": sha256_file(weights)}
+
+
+def load_weights(model: torch.nn.Module, source: ExportedModel) -> None:
+    """The checkpoint's tensors into `model` (fp32 master weights: a bf16 checkpoint is upcast
+    for training, and says so)."""
+    tensors = read_tensors(source)
+    expected = model.state_dict()
+    try:
+        check_against(tensors, expected, source.path)
+    except CheckpointFormatError as exc:
+        raise ConfigError(f"init_from={source.path}: {exc}") from None
+    stored = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    target = next(iter(expected.values())).dtype
+    if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
+        log.info("init_from: stored %s weights become %s master weights for training", "/".join(stored),
+                 str(target).removeprefix("torch."))
+    model.load_state_dict({n: t.to(target) if t.is_floating_point() else t for n, t in tensors.items()}, strict=True)
+

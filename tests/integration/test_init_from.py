@@ -1,0 +1,85 @@
+"""`init_from=` a directory `transformers` saved (Qwen3-MoE: GQA, per-head q/k norm, an explicit
+head_dim, a dense layer), on 2 ranks: the architecture, weights and tokenizer come from it
+although `experiment=smoke` picks nano, it trains, and `ava-export --layout auto` writes it back
+as a Qwen3-MoE that `transformers` loads with Ava's logits. A contradicting override and a
+directory without a tokenizer are refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ava.config import TokenizerConfig
+from ava.data.tokenizer import save_atomic, train_tokenizer
+from ava.files import sha256_file
+
+transformers = pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
+
+RUN = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.save_every=0",
+       "trainer.eval_every=2", "trainer.warmup_steps=1", "model.capacity_factor=2.0"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "qwen3_moe"
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False, max_position_embeddings=128,
+        eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
+    texts = corpus.read_text().split("\n\n")
+    tok = train_tokenizer([texts], cfg=TokenizerConfig(), vocab_size=512)
+    save_atomic(tok, path / "tokenizer.json")
+    return path
+
+
+@pytest.mark.slow
+def test_training_starts_from_a_transformers_checkpoint_and_exports_back_to_its_family(trainer, qwen3_moe_dir,
+                                                                                       tmp_path):
+    from ava.export import export_checkpoint
+    from ava.inference import load_model
+
+    run = trainer.run(tmp_path / "run", [*RUN, f"init_from='{qwen3_moe_dir}'"]).check()
+    assert f"init_from: weights of {qwen3_moe_dir} (qwen3_moe) loaded before step 0" in run.output
+    losses = run.losses()
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert losses[4] < losses[1]
+    # nano would be 2 layers of 4 experts: the checkpoint's 3 layers (one dense) of 8 are what trained
+    records = [r for r in run.metrics() if "moe/layer2/gini" in r]
+    assert records and not any("moe/layer1/gini" in r for r in run.metrics())
+
+    out = export_checkpoint(run.run_dir, tmp_path / "export", progress=lambda _m: None)
+    recorded = OmegaConf.load(out / "training_config.yaml")
+    assert OmegaConf.to_container(recorded.source) == {
+        "path": str(qwen3_moe_dir.resolve()), "family": "qwen3_moe", "file": "model.safetensors",
+        "sha256": sha256_file(qwen3_moe_dir / "model.safetensors")}
+    assert recorded.model.num_layers == 3 and recorded.data.tokenizer.path == str(qwen3_moe_dir / "tokenizer.json")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["head_dim"], config["mlp_only_layers"]) == ("qwen3_moe", 24, [1])
+    ours = load_model(out).model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_contradicting_override_and_a_missing_tokenizer_are_refused(trainer, qwen3_moe_dir, tmp_path):
+    run = trainer.run(tmp_path / "run", [*RUN, f"init_from='{qwen3_moe_dir}'", "model.num_layers=5"],
+                      nproc=1, launcher="python")
+    assert run.returncode == 2
+    assert (f"model.num_layers=5 contradicts init_from: {qwen3_moe_dir / 'config.json'} gives num_layers=3; drop "
+            "the override (the architecture comes from the checkpoint)") in run.output
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((qwen3_moe_dir / name).read_bytes())
+    run = trainer.run(tmp_path / "run2", [*RUN, f"init_from='{bare}'"], nproc=1, launcher="python")
+    assert run.returncode == 2
+    assert f"init_from={bare}: {bare} has no tokenizer.json; Ava trains on the checkpoint's own tokenizer" in run.output
