@@ -8,7 +8,7 @@ the YAML files only set what differs from it (a test holds them to that).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -17,13 +17,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ava.config.checks import ConfigError, one_of, require
 from ava.config.data import DataConfig, SourceConfig, TokenizerConfig
-from ava.config.model import ModelConfig
+from ava.config.model import ModelConfig, UpcycleConfig
 from ava.config.runtime import DeepSpeedConfig, LoggerConfig
 from ava.config.trainer import HealthConfig, InjectConfig, MonitorConfig, TrainerConfig
 
 __all__ = [
     "AvaConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "HealthConfig", "InjectConfig",
     "LoggerConfig", "ModelConfig", "MonitorConfig", "SourceConfig", "TokenizerConfig", "TrainerConfig",
+    "UpcycleConfig",
     "compose", "conf_dir", "model_preset", "one_of", "register_configs", "require", "to_object",
 ]
 
@@ -41,12 +42,16 @@ class AvaConfig:
     # a Hugging Face model directory of a family Ava reads, or an Ava export: the architecture,
     # the weights and the tokenizer come from there (ava.train.init_from)
     init_from: Optional[str] = None
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self) -> None:
         # checks across groups (each group validated its own fields already)
         if isinstance(self.data, DataConfig) and isinstance(self.model, ModelConfig) \
                 and self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if isinstance(self.upcycle, UpcycleConfig) and self.upcycle.num_experts and not self.init_from:
+            raise ConfigError(f"upcycle.num_experts={self.upcycle.num_experts} needs init_from=<a dense "
+                              "checkpoint> to upcycle")
 
 
 def register_configs() -> None:

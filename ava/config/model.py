@@ -141,3 +141,20 @@ class ModelConfig:
         """Indices of the layers with an MoE FFN (the rest are dense)."""
         dense = set(self.dense_layers) | set(range(self.first_dense_layers))
         return [i for i in range(self.num_layers) if i not in dense]
+
+
+@dataclass
+class UpcycleConfig:
+    """Upcycling a dense checkpoint (`init_from`): every MLP becomes `num_experts` experts that
+    start as copies of it (0: off)."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    noise: float = 0.0  # std of the Gaussian perturbation of each copy, relative to the weights' std
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 0, f"upcycle.num_experts={self.num_experts} must be >= 0 (0: off)")
+        require(self.noise >= 0, f"upcycle.noise={self.noise} must be >= 0")
+        if self.num_experts:
+            require(0 < self.top_k <= self.num_experts,
+                     f"upcycle.top_k={self.top_k} must be in 1..upcycle.num_experts={self.num_experts}")

@@ -117,6 +117,10 @@ def _tokenizer_file(src: CheckpointSource) -> Path:
                       "the trainer copies it into the run directory at start")
 
 
+# the MoE family a dense family becomes when upcycled (Llama becomes Mixtral: `auto` picks it)
+UPCYCLED_FAMILY = {"qwen3": "qwen3_moe", "qwen2": "qwen2_moe", "llama": "mixtral"}
+
+
 def export_checkpoint(
     source: Path,
     out_dir: Path,
@@ -132,6 +136,7 @@ def export_checkpoint(
     cfg, full_config = _model_config(src)
     if layout == "auto":  # a run started from a family's checkpoint goes back to that family
         family_name = ((full_config or {}).get("source") or {}).get("family")
+        family_name = UPCYCLED_FAMILY.get(family_name, family_name) if cfg.moe_layers else family_name
         if family_name in FAMILIES and not family.incompatibilities(cfg, FAMILIES[family_name]):
             layout = family_name
     resolve_layout(cfg, layout)  # fail on an impossible layout before the slow consolidation

@@ -9,6 +9,12 @@ config's. PATH's `tokenizer.json` becomes the data tokenizer, with the checkpoin
 and padding tokens, and its weights are loaded into the model before the engine exists (on every
 rank, as the seeded initialisation they replace: one full fp32 copy per rank until DeepSpeed
 partitions it).
+
+Upcycling (`upcycle.num_experts=E upcycle.top_k=k`, a dense checkpoint): every layer's MLP
+becomes E experts that start as copies of it (plus `upcycle.noise` × the weights' std of Gaussian
+noise per copy), behind a router with Ava's own initialisation. With no noise the top-k weights
+of identical experts sum to 1, so the upcycled model computes the dense model's function at
+step 0.
 """
 
 from __future__ import annotations
@@ -90,6 +96,13 @@ def apply_source(cfg: AvaConfig, source: ExportedModel, overrides: List[str]) ->
                               f"{source.path / 'config.json'} gives {key}={getattr(imported, key)!r}; drop the "
                               "override (the architecture comes from the checkpoint)")
     model = dataclasses.replace(imported, **{k: getattr(user, k) for k in TRAINING_ONLY if k != "name"})
+    if cfg.upcycle.num_experts:
+        if model.moe_layers:
+            raise ConfigError(f"upcycle.num_experts={cfg.upcycle.num_experts}: {source.path} is already an MoE "
+                              f"model ({source.layout}, layers {model.moe_layers}); upcycle a dense checkpoint")
+        model = dataclasses.replace(model, num_experts=cfg.upcycle.num_experts, top_k=cfg.upcycle.top_k,
+                                    ffn_size=model.dense_ffn_size or model.ffn_size, first_dense_layers=0,
+                                    dense_layers=[], dense_ffn_size=None)
     eos, pad = special_tokens(source)
     tokenizer = dataclasses.replace(cfg.data.tokenizer, path=str(source.path / "tokenizer.json"),
                                     vocab_size=None, eos_token=eos, pad_token=pad,
@@ -105,11 +118,33 @@ def describe(source: ExportedModel) -> Dict[str, Any]:
             "sha256": sha256_file(weights)}
 
 
-def load_weights(model: torch.nn.Module, source: ExportedModel) -> None:
+def upcycled(tensors: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], noise: float,
+             generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Dense `layers.L.mlp.{gate,up,down}_proj` as E stacked copies (`w_gate_up [E, H, 2I]`,
+    `w_down [E, I, H]`); the routers keep the model's own initialisation (`expected`)."""
+    out = {n: t for n, t in tensors.items() if ".mlp." not in n}
+    layers = sorted({int(n.split(".")[1]) for n in tensors if ".mlp." in n})
+    for layer in layers:
+        p = f"layers.{layer}."
+        gate, up, down = (tensors[f"{p}mlp.{w}.weight"] for w in ("gate_proj", "up_proj", "down_proj"))
+        for name, one in ((f"{p}moe.experts.w_gate_up", torch.cat([gate.t(), up.t()], dim=-1)),
+                          (f"{p}moe.experts.w_down", down.t())):
+            copies = one.float().unsqueeze(0).repeat(expected[name].shape[0], 1, 1)
+            if noise:
+                copies += noise * float(one.float().std()) * torch.randn(copies.shape, generator=generator)
+            out[name] = copies.to(one.dtype).contiguous()
+        out[f"{p}moe.router.gate.weight"] = expected[f"{p}moe.router.gate.weight"]
+    return out
+
+
+def load_weights(model: torch.nn.Module, source: ExportedModel, upcycle_noise: float | None = None,
+                 seed: int = 0) -> None:
     """The checkpoint's tensors into `model` (fp32 master weights: a bf16 checkpoint is upcast
-    for training, and says so)."""
+    for training, and says so); `upcycle_noise` not None: the dense MLPs become the experts."""
     tensors = read_tensors(source)
     expected = model.state_dict()
+    if upcycle_noise is not None:
+        tensors = upcycled(tensors, expected, upcycle_noise, torch.Generator().manual_seed(seed))
     try:
         check_against(tensors, expected, source.path)
     except CheckpointFormatError as exc:

@@ -130,7 +130,7 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
     model = AvaForCausalLM(cfg.model)
     if cfg.init_from:  # before the engine: DeepSpeed partitions what it is given
         source = open_source(cfg.init_from)
-        load_weights(model, source)
+        load_weights(model, source, cfg.upcycle.noise if cfg.upcycle.num_experts else None, seed=cfg.seed)
         log.info("init_from: weights of %s (%s) loaded before step 0", source.path, source.layout)
     seq_len = cfg.data.seq_len
     flops_per_token = float(model.flops_per_token(seq_len))

@@ -64,6 +64,8 @@ COMMANDS: Dict[str, How] = {
         How(covered_by="tests/integration/test_init_from.py", why="a transformers-saved Qwen3-MoE, 2 ranks"),
     "ava-export runs/my-run out/qwen3-tuned": How(covered_by="tests/integration/test_init_from.py",
                                                   why="--layout auto back to qwen3_moe"),
+    "ava-train init_from=/models/TinyLlama-1.1B upcycle.num_experts=8 upcycle.top_k=2": How(
+        covered_by="tests/unit/hf/test_families.py", why="upcycling transformers' Llama and Qwen3"),
     "ava-generate /models/OLMoE-1B-7B --prompt 'def fib(n):'": How(
         covered_by="tests/unit/hf/test_families.py", why="every family as transformers saves it"),
     "ava-train experiment=smoke logger=none": How(extra=["trainer.max_steps=4"],

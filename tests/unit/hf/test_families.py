@@ -157,3 +157,52 @@ def test_a_model_another_family_cannot_express_is_refused_naming_the_settings(to
                  "shared experts (width, gate)=(48, True) (the olmoe layout gives None)"):
         assert fact in message
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("model_type", "moe_layout", "moe_class"), [("llama", "mixtral", "MixtralForCausalLM"),
+                                                                      ("qwen3", "qwen3_moe", "Qwen3MoeForCausalLM")])
+def test_an_upcycled_dense_model_computes_the_dense_function_and_exports_as_its_moe_family(
+        model_type, moe_layout, moe_class, tokenizer_file, tmp_path):
+    from ava.config import compose, to_object
+    from ava.export import export_state_dict
+    from ava.model import AvaForCausalLM
+    from ava.train.init_from import apply_source, load_weights, open_source
+
+    path, dense = save_family(model_type, tmp_path, tokenizer_file)
+    cfg = to_object(compose(["experiment=smoke", "logger=none", f"init_from={path}", "upcycle.num_experts=4",
+                             "upcycle.top_k=2", "model.capacity_factor=null", "model.router_jitter=0"]))
+    cfg = apply_source(cfg, open_source(str(path)), [])
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.moe_layers, cfg.model.ffn_size) == (4, 2, [0, 1, 2], 96)
+    torch.manual_seed(0)
+    model = AvaForCausalLM(cfg.model).eval()
+    load_weights(model, open_source(str(path)), upcycle_noise=0.0)
+    with torch.no_grad():
+        theirs = dense(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, theirs, rtol=1e-5, atol=1e-5)  # the dense function
+    out = export_state_dict(model.state_dict(), cfg.model, tmp_path / "moe", tokenizer=tokenizer_file,
+                            layout=moe_layout)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == moe_class
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, theirs, rtol=1e-5, atol=1e-5)
+    noisy = AvaForCausalLM(cfg.model).eval()
+    load_weights(noisy, open_source(str(path)), upcycle_noise=0.01)
+    experts = noisy.layers[0].moe.experts.w_down
+    assert not torch.equal(experts[0], experts[1])  # the copies are perturbed apart
+    with torch.no_grad():
+        assert 0 < float((noisy(IDS).logits - theirs).abs().max()) < 0.1 * float(theirs.abs().max())
+
+
+def test_upcycling_an_moe_checkpoint_or_without_one_is_refused(tokenizer_file, tmp_path):
+    from ava.config import ConfigError, compose, to_object
+    from ava.train.init_from import apply_source, open_source
+
+    with pytest.raises(Exception) as err:
+        to_object(compose(["experiment=smoke", "upcycle.num_experts=4"]))
+    message = str(err.value.__cause__ or err.value)
+    assert "upcycle.num_experts=4 needs init_from=<a dense checkpoint> to upcycle" in message
+    path, _ = save_family("olmoe", tmp_path, tokenizer_file)
+    cfg = to_object(compose(["experiment=smoke", f"init_from={path}", "upcycle.num_experts=4"]))
+    already = r"upcycle.num_experts=4: .* is already an MoE model \(olmoe, layers \[0, 1, 2\]\)"
+    with pytest.raises(ConfigError, match=already):
+        apply_source(cfg, open_source(str(path)), [])
