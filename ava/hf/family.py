@@ -103,13 +103,9 @@ def to_ava(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         if layer not in cfg.moe_layers and rest.startswith("mlp."):  # a dense layer's MLP, as named
             out[prefix + rest] = t
             continue
-        for old, new in _RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        out[prefix + rest] = t
+        out[prefix + _rename(rest, _RENAMES)] = t
     for layer in sorted({layer for layer, _ in experts}):
-        stacked = {w: _stack(experts.get((layer, w), {}), layer, w, cfg.num_experts)
+        stacked = {w: stack_experts(experts.get((layer, w), {}), layer, w, cfg.num_experts)
                    for w in ("gate_proj", "up_proj", "down_proj")}
         out[f"layers.{layer}.moe.experts.w_gate_up"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]],
                                                                  dim=-1).contiguous()
@@ -117,7 +113,16 @@ def to_ava(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
-def _stack(per_expert: dict[int, torch.Tensor], layer: int, w: str, num_experts: int) -> torch.Tensor:
+def _rename(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """`rest` with its first matching prefix replaced."""
+    for old, new in pairs:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def stack_experts(per_expert: dict[int, torch.Tensor], layer: int | str, w: str, num_experts: int) -> torch.Tensor:
+    """One layer's per-expert `[out, in]` matrices of projection `w` as Ava's stacked `[E, in, out]`."""
     missing = sorted(set(range(num_experts)) - set(per_expert))
     if missing:
         raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({w})")
@@ -196,9 +201,5 @@ def from_ava(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         if rest.startswith("mlp."):  # a dense layer's MLP, named alike
             out[prefix + rest] = t
             continue
-        for new, old in renames:
-            if rest.startswith(new):
-                rest = old + rest[len(new):]
-                break
-        out[prefix + rest] = t
+        out[prefix + _rename(rest, renames)] = t
     return out

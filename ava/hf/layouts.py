@@ -127,20 +127,12 @@ def mixtral_to_ava(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 .replace("block_sparse_moe.gate.", "moe.router.gate."))
         out[name] = t
     for layer in sorted({layer for layer, _ in experts}, key=int):
-        stacked = {w: _restack(experts.get((layer, w), {}), layer, w, cfg.num_experts)
+        stacked = {w: family.stack_experts(experts.get((layer, w), {}), layer, w, cfg.num_experts)
                    for w in (*_MIXTRAL_GATE_UP, _MIXTRAL_DOWN)}
         out[f"layers.{layer}.moe.experts.w_gate_up"] = torch.cat(
             [stacked[w] for w in _MIXTRAL_GATE_UP], dim=-1).contiguous()
         out[f"layers.{layer}.moe.experts.w_down"] = stacked[_MIXTRAL_DOWN]
     return out
-
-
-def _restack(per_expert: dict[int, torch.Tensor], layer: str, w: str, num_experts: int) -> torch.Tensor:
-    """Mixtral's `[out, in]` matrices of one layer and projection as Ava's `[E, in, out]`."""
-    missing = sorted(set(range(num_experts)) - set(per_expert))
-    if missing:
-        raise KeyError(f"layer {layer} is missing expert tensors for experts {missing} ({w})")
-    return torch.stack([per_expert[e].t() for e in range(num_experts)]).contiguous()
 
 
 def hf_config(cfg: ModelConfig, layout: str, dtype: torch.dtype, eos_id: int, pad_id: int) -> dict[str, Any]:

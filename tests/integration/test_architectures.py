@@ -17,7 +17,7 @@ from ava.inference.format import detect, read_tensors
 DEEPSEEK = ["model=mini_deepseek", "model.hidden_size=64", "model.vocab_size=512", "model.max_seq_len=64",
             "model.ffn_size=32", "model.dense_ffn_size=128", "model.num_experts=8", "model.num_heads=4",
             "model.bias_update_rate=0.01", "deepspeed=zero3", "trainer.micro_batch_size=4",
-            "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.warmup_steps=1"]
+            "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=0", "trainer.warmup_steps=1"]
 
 
 def _state(run_dir, step: int) -> dict[str, torch.Tensor]:

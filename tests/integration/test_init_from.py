@@ -1,8 +1,8 @@
 """`init_from=` a directory `transformers` saved (Qwen3-MoE: GQA, per-head q/k norm, an explicit
 head_dim, a dense layer), on 2 ranks: the architecture, weights and tokenizer come from it
 although `experiment=smoke` picks nano, it trains, and `ava-export --layout auto` writes it back
-as a Qwen3-MoE that `transformers` loads with Ava's logits. A contradicting override and a
-directory without a tokenizer are refused before anything starts."""
+as a Qwen3-MoE that `transformers` loads with Ava's logits. (The refusals, which stop before any
+process group: tests/unit/hf/test_families.py.)"""
 
 from __future__ import annotations
 
@@ -67,19 +67,3 @@ def test_training_starts_from_a_transformers_checkpoint_and_exports_back_to_its_
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_a_contradicting_override_and_a_missing_tokenizer_are_refused(trainer, qwen3_moe_dir, tmp_path):
-    run = trainer.run(tmp_path / "run", [*RUN, f"init_from='{qwen3_moe_dir}'", "model.num_layers=5"],
-                      nproc=1, launcher="python")
-    assert run.returncode == 2
-    assert (f"model.num_layers=5 contradicts init_from: {qwen3_moe_dir / 'config.json'} gives num_layers=3; drop "
-            "the override (the architecture comes from the checkpoint)") in run.output
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (bare / name).write_bytes((qwen3_moe_dir / name).read_bytes())
-    run = trainer.run(tmp_path / "run2", [*RUN, f"init_from='{bare}'"], nproc=1, launcher="python")
-    assert run.returncode == 2
-    assert f"init_from={bare}: {bare} has no tokenizer.json; Ava trains on the checkpoint's own tokenizer" in run.output

@@ -206,3 +206,24 @@ def test_upcycling_an_moe_checkpoint_or_without_one_is_refused(tokenizer_file, t
     already = r"upcycle.num_experts=4: .* is already an MoE model \(olmoe, layers \[0, 1, 2\]\)"
     with pytest.raises(ConfigError, match=already):
         apply_source(cfg, open_source(str(path)), [])
+
+
+def test_init_from_refuses_a_contradicting_override_and_a_directory_without_tokenizer(tokenizer_file, tmp_path):
+    from ava.config import ConfigError, compose, to_object
+    from ava.train.init_from import apply_source, open_source
+
+    path, _ = save_family("qwen3_moe", tmp_path, tokenizer_file)
+    overrides = ["experiment=smoke", f"init_from={path}", "model.num_layers=5", "model.capacity_factor=2.0"]
+    cfg = to_object(compose(overrides))
+    with pytest.raises(ConfigError) as err:
+        apply_source(cfg, open_source(str(path)), overrides)
+    assert str(err.value) == (f"model.num_layers=5 contradicts init_from: {path / 'config.json'} gives "
+                              "num_layers=3; drop the override (the architecture comes from the checkpoint)")
+    applied = apply_source(cfg, open_source(str(path)), overrides[:2] + overrides[3:])  # training settings stay
+    assert (applied.model.num_layers, applied.model.capacity_factor, applied.model.head_dim) == (3, 2.0, 24)
+    assert applied.data.tokenizer.path == str(path / "tokenizer.json")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError) as err:
+        open_source(str(path))
+    assert str(err.value).startswith(f"init_from={path}: {path} has no tokenizer.json; Ava trains on the "
+                                     "checkpoint's own tokenizer: save it there")
