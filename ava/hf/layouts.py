@@ -15,7 +15,7 @@ from ava.config import ModelConfig
 from ava.hf import family
 from ava.hf.families import FAMILIES
 
-LAYOUTS = ("ava", "mixtral", *FAMILIES)
+LAYOUTS = ("ava", "mixtral", *FAMILIES)  # the layouts (model_type values) Ava reads and writes
 _MIXTRAL_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 # Mixtral's per-expert [out, in] matrices in Ava's stacked `[E, in, out]` tensors: w1 (gate) is the
 # first half of `w_gate_up`'s columns, w3 (up) the second half, w2 is `w_down`.

@@ -19,12 +19,11 @@ from ava.config import ConfigError, ModelConfig
 from ava.files import sha256_file
 from ava.hf import family
 from ava.hf.families import FAMILIES
-from ava.hf.layouts import mixtral_to_ava, model_config_from_hf
+from ava.hf.layouts import LAYOUTS, mixtral_to_ava, model_config_from_hf
 from ava.hf.shards import INDEX_NAME, SINGLE_NAME
 from ava.inference.errors import CheckpointFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-LAYOUTS = ("ava", "mixtral", *FAMILIES)  # model_type values Ava reads
 log = logging.getLogger("ava.inference")
 
 

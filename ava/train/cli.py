@@ -116,7 +116,9 @@ def train(cfg: DictConfig) -> Optional[float]:
     run_dir = rundir.agree_on_run_dir(HydraConfig.get().runtime.output_dir)
     resolved: Any = OmegaConf.to_container(cfg, resolve=True)
     if source is not None:  # what the run really trains, and where it started (ava-export reads both)
-        resolved.update(model=dataclasses.asdict(typed.model), source=describe(source))
+        # the weights' sha256 is one full read of the file: rank 0 hashes it, the others receive it
+        recorded = dist.broadcast_object(describe(source) if dist.rank() == 0 else None)
+        resolved.update(model=dataclasses.asdict(typed.model), source=recorded)
         resolved["data"]["tokenizer"] = dataclasses.asdict(typed.data.tokenizer)
     try:
         # the handler is up before data preparation and stays up through the final save: a
