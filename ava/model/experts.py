@@ -15,9 +15,10 @@ from ava.config import ModelConfig
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs this dtype/device/alignment.
 
-    CPU: fp32, or bf16 with 16-byte aligned rows. CUDA: bf16 on Hopper or newer.
+    CPU: fp32, or bf16 with 16-byte aligned rows. CUDA: bf16 on Hopper or newer. The weights
+    run in `x`'s dtype (`Experts.stacked`), so only their shape matters here.
     """
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+    if not hasattr(torch, "_grouped_mm"):
         return False
     aligned = all(s * x.element_size() % 16 == 0 for s in (w.shape[-2], w.shape[-1]))
     if x.device.type == "cpu":
@@ -70,24 +71,26 @@ class Experts(nn.Module):
             self.b1 = nn.Parameter(torch.zeros(e, i)) if cfg.bias else None
             self.b2 = nn.Parameter(torch.zeros(e, h)) if cfg.bias else None
 
-    def stacked(self) -> tuple[Optional[torch.Tensor], ...]:
-        """The `[E, ...]` tensors in the order `expert_loop`'s forward for this activation takes them."""
-        if self.activation == "swiglu":
-            return self.w_gate_up, self.w_down
-        return self.w1, self.w2, self.b1, self.b2
+    def stacked(self, dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], ...]:
+        """The `[E, ...]` tensors in the order `expert_loop`'s forward for this activation takes them,
+        cast to `dtype` if given (autocast: the copy is differentiable, gradients reach the masters)."""
+        params = (self.w_gate_up, self.w_down) if self.activation == "swiglu" else (self.w1, self.w2, self.b1, self.b2)
+        return params if dtype is None else tuple(None if p is None else p.to(dtype) for p in params)
 
     def forward(self, x_NH: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """`x_NH` rows sorted by expert id (`expert_N`), `counts_E` rows per expert; trailing rows
         with `expert_N == E` (dropped slots) are not computed and their outputs are unspecified."""
         if self.activation == "swiglu":
-            gate, up = grouped_matmul(x_NH, self.w_gate_up, counts_E).chunk(2, dim=-1)
-            return grouped_matmul(F.silu(gate) * up, self.w_down, counts_E)
-        h = grouped_matmul(x_NH, self.w1, counts_E)
-        if self.b1 is not None:
-            h = h + _bias_rows(self.b1, expert_N)
-        y = grouped_matmul(F.gelu(h), self.w2, counts_E)
-        if self.b2 is not None:
-            y = y + _bias_rows(self.b2, expert_N)
+            w_gate_up, w_down = self.stacked(x_NH.dtype)
+            gate, up = grouped_matmul(x_NH, w_gate_up, counts_E).chunk(2, dim=-1)
+            return grouped_matmul(F.silu(gate) * up, w_down, counts_E)
+        w1, w2, b1, b2 = self.stacked(x_NH.dtype)
+        h = grouped_matmul(x_NH, w1, counts_E)
+        if b1 is not None:
+            h = h + _bias_rows(b1, expert_N)
+        y = grouped_matmul(F.gelu(h), w2, counts_E)
+        if b2 is not None:
+            y = y + _bias_rows(b2, expert_N)
         return y
 
 

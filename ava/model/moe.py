@@ -80,6 +80,10 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     Dropped slots sort after every kept slot (key E) and are never computed. The grouped path's
     shapes never depend on routing (no host sync); its dropped rows are masked out both ways.
     """
+    dtype = autocast_dtype(x_TH.device.type)
+    if dtype is not None:  # autocast does not see inside the custom autograd nodes: cast once, here
+        with torch.autocast(x_TH.device.type, enabled=False):
+            return dispatch_combine(x_TH.to(dtype), assignment, experts)
     num_experts = experts.num_experts
     key_A, order_S = slot_order(assignment, num_experts)
     weight_TK = assignment.weight_TK
@@ -95,13 +99,18 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
                               rows_per_expert=key_A.numel() / num_experts, loop_min_rows=experts.loop_min_rows)
     if backend == "loop":
         return expert_loop(x_TH, order_S // top_k, weight_TK.reshape(-1)[order_S], counts_E.tolist(),
-                           experts.activation, experts.stacked())
+                           experts.activation, experts.stacked(x_TH.dtype))
     pos_A = torch.empty_like(order_S)
     pos_A[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     expert_S = key_A[order_S]  # E marks a dropped slot
     x_SH = _Dispatch.apply(x_TH, order_S, pos_A, kept_A)
     y_SH = experts(x_SH, expert_S, counts_E)
     return _Combine.apply(y_SH, weight_TK, order_S, pos_A, kept_A)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype `torch.autocast` computes matmuls in on this device type, None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def route(router: Router, cfg: ModelConfig, x_TH: torch.Tensor, training: bool,
