@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--seq-len", type=int, default=256)
     train.add_argument("--quick", action="store_true", help="a tiny model and 2 steps (smoke tests)")
+    train.add_argument("--reduced", action="store_true",
+                       help="the preset's width at 2 layers and vocabulary 4,096 (default: its own dimensions)")
+    train.add_argument("--single-thread", action=argparse.BooleanOptionalAction, default=True,
+                       help="on a CPU, time one thread as well as all of them (default: on)")
     train.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
     train.add_argument("override", nargs="*", help="model overrides key=value (e.g. num_layers=4)")
 
@@ -112,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.quick:
             preset, batch, seq_len = "nano", 2, 32
         elif device.type == "cpu":  # the CPU-sized model, with the user's overrides on top
-            overrides = {**train_bench.CPU_OVERRIDES, **overrides}
+            overrides = {**train_bench.REDUCED, **overrides}
         per_rank = max(1, (os.cpu_count() or args.ranks) // args.ranks)
         payload = ep_bench.run_ep(preset, ranks=args.ranks, batch=batch, seq_len=seq_len, warmup=warmup,
                                   steps=steps, overrides=overrides, threads_per_rank=args.threads or per_rank)
@@ -133,8 +137,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides = {"hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_layers": 1, "vocab_size": 512,
                      **overrides}
         batch, seq_len = 2, 32
+    thread_counts = [threads, 1] if device.type == "cpu" and args.single_thread else [threads]
     payload = train_bench.run_train(args.preset, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
-                                    device=device, dtype=dtype, overrides=overrides, seed=args.seed)
+                                    device=device, dtype=dtype, overrides=overrides, seed=args.seed,
+                                    reduced=args.reduced, thread_counts=thread_counts)
     payload = {"benchmark": "train", "environment": tbl.environment(device, threads), **payload,
                "seconds": time.time() - started}
     tbl.write_json(args.out, payload)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ava.bench import peers
-from ava.bench.timing import peak_forward_memory, time_interleaved
+from ava.bench.timing import peak_memory, time_interleaved
 
 MEAN_NORM = 4.0  # norm of the inputs' common mean, what skewed routing keys on
 SKEW = 1.5  # Zipf-like exponent of skewed routing: expert e gets logit bias -SKEW * log(e + 1)
@@ -198,7 +198,7 @@ def run_point(pt: Point, *, warmup: int, repeats: int, device: torch.device, imp
         for p in module.parameters():
             p.grad = None
         xi = x.detach().requires_grad_(True)
-        memory[name] = peak_forward_memory(lambda m=module, xi=xi: m(xi), device)
+        memory[name] = peak_memory(lambda m=module, xi=xi: m(xi), device)
 
     results = {}
     for name in impls:

@@ -92,28 +92,44 @@ def moe_table(payload: dict[str, Any]) -> Table:
 
 def train_table(payload: dict[str, Any]) -> Table:
     env = payload["environment"]
-    table = Table(title=f"ava-bench train — {payload['preset']} {payload['dims']}, batch {payload['batch']}x"
-                        f"{payload['seq_len']}, {env['device_name']}, {env['torch_threads']} threads, "
-                        f"{payload['dtype']}", title_justify="left")
-    for col in ("model", "step ms (median±IQR/2)", "forward", "backward", "optimizer", "tokens/s", "TFLOP/s" if
-                env["device"].startswith("cuda") else "GFLOP/s", "MFU", "loss@0", "vs HF"):
+    gpu = env["device"].startswith("cuda")
+    shape = "reduced shape" if payload.get("reduced") else "own dimensions"
+    table = Table(title=f"ava-bench train — {payload['preset']} ({shape}) {payload['dims']}, batch "
+                        f"{payload['batch']}x{payload['seq_len']}, {env['device_name']}, {payload['threads']} "
+                        f"threads, {payload['dtype']}", title_justify="left")
+    others = sorted(payload.get("other_threads", {}), key=int)
+    cols = ["model", "step ms (median±IQR/2)", "forward", "backward", "optimizer", "tokens/s",
+            "TFLOP/s" if gpu else "GFLOP/s", "of matmul", "MFU", "peak step MiB", "loss@0", "vs HF"]
+    for t in others:
+        cols += [f"tokens/s {t} thr", f"vs HF {t} thr"]
+    for col in cols:
         table.add_column(col, justify="right" if col != "model" else "left")
     base = payload["results"].get("hf", {}).get("tokens_per_s")
+    scale = 1e12 if gpu else 1e9
     for name, r in payload["results"].items():
         if "step_ms" not in r:
-            table.add_row(name, f"n/a: {r.get('status')}", *["—"] * 8)
+            table.add_row(name, f"n/a: {r.get('status')}", *["—"] * (len(cols) - 2))
             continue
-        scale = 1e12 if env["device"].startswith("cuda") else 1e9
-        table.add_row(
+        cells = [
             name, f"{r['step_ms']:.0f}±{r['step_iqr_ms'] / 2:.0f}", f"{r['forward_ms']:.0f}", f"{r['backward_ms']:.0f}",
             f"{r['optimizer_ms']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['flops_per_s'] / scale:.1f}",
-            f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—", f"{r['loss_step0']:.5f}",
+            f"{r['matmul_fraction']:.0%}", f"{r['mfu']:.1%}" if r.get("mfu") is not None else "—",
+            f"{r['peak_step_bytes'] / 2**20:,.0f}", f"{r['loss_step0']:.5f}",
             f"{r['tokens_per_s'] / base:.2f}x" if base else "—",
-        )
+        ]
+        for t in others:
+            res = payload["other_threads"][t]["results"]
+            cells += [f"{res[name]['tokens_per_s']:.0f}",
+                      f"{res[name]['tokens_per_s'] / res['hf']['tokens_per_s']:.2f}x" if "hf" in res else "—"]
+        table.add_row(*cells)
+    rates = [f"{payload['threads']} thr {payload['matmul_flops_per_s'] / scale:.1f}"] + [
+        f"{t} thr {payload['other_threads'][t]['matmul_flops_per_s'] / scale:.1f}" for t in others]
+    caption = (f"'of matmul': achieved FLOP/s (model.flops_per_token x tokens/s) over a {payload['matmul_shape']} "
+               f"matmul measured in this run ({', '.join(rates)} {'TFLOP/s' if gpu else 'GFLOP/s'})")
     if "loss_abs_diff_step0" in payload:
-        table.caption = (f"step-0 loss |Ava − HF| = {payload['loss_abs_diff_step0']:.2e} (identical weights); "
-                         f"FLOPs/token = {payload['flops_per_token']:,} (model.flops_per_token)")
-        table.caption_justify = "left"
+        caption += (f"; step-0 loss |Ava − HF| = {payload['loss_abs_diff_step0']:.2e} (identical weights); "
+                    f"FLOPs/token = {payload['flops_per_token']:,}")
+    table.caption, table.caption_justify = caption, "left"
     return table
 
 

@@ -82,13 +82,22 @@ class Stopwatch:
         return out
 
 
-def peak_forward_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated during `fn()` (a forward pass under autograd) above the bytes live
-    before it: saved activations plus transient buffers, i.e. activation memory.
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of one `n`³ matmul at the current thread count: the roofline a step's achieved rate
+    is a fraction of, measured in the same process and moment as the step."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timing = time_fn(lambda: a @ b, warmup=1, repeats=repeats, device=device)
+    return 2 * n ** 3 / (timing.median_ms / 1e3)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated during `fn()` above the bytes live before it. For a forward pass under
+    autograd: saved activations plus transient buffers, i.e. activation memory; for a training
+    step: that plus the gradients and the optimizer's transients.
 
     CUDA: `torch.cuda.max_memory_allocated`. CPU: the allocation/free trace that
     `torch.profiler` records with `profile_memory=True` (every c10 CPU allocator event), summed in
-    time order. Parameters and their gradients are not counted (none are allocated in a forward).
+    time order. Tensors live before the call (parameters, optimizer state) are not counted.
     The result of `fn()` is kept alive until the peak is read, so saved tensors count.
     """
     if device.type == "cuda":

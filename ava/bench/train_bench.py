@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ava.bench.timing import Stopwatch
+from ava.bench.timing import Stopwatch, matmul_rate, peak_memory
 from ava.config import ModelConfig, model_preset
 from ava.hf.layouts import ava_to_mixtral, mixtral_incompatibilities
-from ava.model.transformer import IGNORE_INDEX, AvaForCausalLM
+from ava.model.lm_loss import IGNORE_INDEX
+from ava.model.transformer import AvaForCausalLM
 
 # Dense bf16 peak tensor FLOP/s (no sparsity) by device-name substring; first match wins.
 PEAK_FLOPS = {
@@ -21,11 +22,11 @@ PEAK_FLOPS = {
     "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12,
 }
 
-# CPU default: the preset's width, fewer layers and a smaller vocabulary (a step in ~1 s).
+# `--reduced`: the preset's width, fewer layers and a smaller vocabulary (a step in ~1 s on a CPU).
 # What MixtralForCausalLM computes: no router jitter, and dropless (a capacity that drops a slot
 # makes Ava's step another function; measured: mini_mixtral's step-0 loss differed by 4.4e-4)
 SAME_FUNCTION = {"router_jitter": 0.0, "capacity_factor": None}
-CPU_OVERRIDES = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512}
+REDUCED = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -97,8 +98,12 @@ def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
-              dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0) -> dict[str, Any]:
-    overrides = {**SAME_FUNCTION, **(CPU_OVERRIDES if device.type == "cpu" else {}), **(overrides or {})}
+              dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0,
+              reduced: bool = False, thread_counts: Sequence[int] = ()) -> dict[str, Any]:
+    """The preset at its own dimensions (`reduced`: `REDUCED`'s quick shape), timed at each of
+    `thread_counts` (CPU; the first is the headline, default the current count) against the
+    matmul rate measured at that count, plus each model's peak step memory at the first."""
+    overrides = {**SAME_FUNCTION, **(REDUCED if reduced else {}), **(overrides or {})}
     overrides["max_seq_len"] = max(int(overrides.get("max_seq_len", seq_len)), seq_len)
     cfg = model_preset(preset, **overrides)
     problems = mixtral_incompatibilities(cfg)
@@ -127,51 +132,85 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
             loss0[name] = float(_loss(name, m, data)[1])
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1) for name, m in models.items()}
 
-    phases: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for step in range(warmup + steps):
-        for name, m in models.items():  # interleaved, so load from elsewhere hits both alike
-            sw = Stopwatch(device)
-            opts[name].zero_grad(set_to_none=True)
-            sw.mark("start")
-            loss, _ = _loss(name, m, data)
-            sw.mark("forward")
-            loss.backward()
-            sw.mark("backward")
-            opts[name].step()
-            sw.mark("optimizer")
-            if step >= warmup:
-                phases[name].append(sw.phases_ms())
+    def step(name: str) -> dict[str, float]:
+        sw = Stopwatch(device)
+        opts[name].zero_grad(set_to_none=True)
+        sw.mark("start")
+        loss, _ = _loss(name, models[name], data)
+        sw.mark("forward")
+        loss.backward()
+        sw.mark("backward")
+        opts[name].step()
+        sw.mark("optimizer")
+        return sw.phases_ms()
 
-    tokens = batch * seq_len
-    fpt = ava.flops_per_token(seq_len)
-    peak = peak_flops(device)
+    tokens, fpt, peak = batch * seq_len, ava.flops_per_token(seq_len), peak_flops(device)
+    counts = list(dict.fromkeys(thread_counts or [torch.get_num_threads()]))
+    initial_threads = torch.get_num_threads()
+    by_threads: dict[int, dict[str, Any]] = {}
+    memory: dict[str, int] = {}
+    try:
+        for i, threads in enumerate(counts):
+            torch.set_num_threads(threads)
+            rate = matmul_rate(device, dtype)
+            phases: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+            for n in range(warmup + steps):
+                now = {name: step(name) for name in models}  # interleaved: load from elsewhere hits all alike
+                for name, phase in now.items():
+                    if n >= warmup:
+                        phases[name].append(phase)
+                print(f"[{threads} thread(s)] {'warm-up' if n < warmup else 'step'} {n + 1}/{warmup + steps}: "
+                      + ", ".join(f"{name} {sum(phase.values()):.0f} ms" for name, phase in now.items()), flush=True)
+            if i == 0:  # a warm step (optimizer state exists): activations, gradients, transients
+                print(f"[{threads} thread(s)] peak memory of one step per model (torch.profiler)", flush=True)
+                memory = {name: peak_memory(lambda name=name: step(name), device) for name in models}
+            by_threads[threads] = {"matmul_flops_per_s": rate, "results": {
+                name: _summary(phases[name], tokens, fpt, peak, rate) for name in models}}
+    finally:
+        torch.set_num_threads(initial_threads)
+
+    headline = by_threads[counts[0]]
     results: dict[str, Any] = {}
     for name in ("ava", "hf", "hf_eager"):
         if name not in models:
             results[name] = {"status": status.get(name, "not run")}
             continue
-        totals = [sum(p.values()) for p in phases[name]]
-        step_ms = statistics.median(totals)
-        q = statistics.quantiles(totals, n=4) if len(totals) >= 4 else [min(totals), 0, max(totals)]
-        r = {
-            "status": "ok", "step_ms": step_ms, "step_iqr_ms": q[2] - q[0], "steps": len(totals),
-            **{f"{k}_ms": statistics.median(p[k] for p in phases[name]) for k in ("forward", "backward", "optimizer")},
-            "tokens_per_s": tokens / (step_ms / 1e3), "loss_step0": loss0[name],
-            "parameters": sum(p.numel() for p in models[name].parameters()),
-        }
-        r["flops_per_s"] = r["tokens_per_s"] * fpt
-        r["mfu"] = r["flops_per_s"] / peak if peak else None
-        results[name] = r
+        results[name] = {**headline["results"][name], "loss_step0": loss0[name], "peak_step_bytes": memory[name],
+                         "parameters": sum(p.numel() for p in models[name].parameters())}
     payload: dict[str, Any] = {
-        "preset": preset, "overrides": overrides, "batch": batch, "seq_len": seq_len,
-        "dtype": str(dtype).split(".")[-1],
-        "dims": _dims(cfg), "flops_per_token": fpt, "peak_flops": peak, "results": results,
+        "preset": preset, "reduced": reduced, "overrides": overrides, "batch": batch, "seq_len": seq_len,
+        "dtype": str(dtype).split(".")[-1], "dims": _dims(cfg), "flops_per_token": fpt, "peak_flops": peak,
+        "threads": counts[0], "matmul_flops_per_s": headline["matmul_flops_per_s"], "matmul_shape": "2048^3",
+        "memory_method": "peak bytes allocated during one warm training step above those live before it "
+                         "(parameters, optimizer state); CPU: torch.profiler's allocation trace",
+        "results": results,
+        "other_threads": {str(t): v for t, v in by_threads.items() if t != counts[0]},
     }
     if "hf" in models:
         payload["loss_abs_diff_step0"] = max(abs(loss0["ava"] - loss0[n]) for n in models if n != "ava")
         payload["speedup_tokens_per_s"] = {n: results["ava"]["tokens_per_s"] / results[n]["tokens_per_s"]
                                            for n in models if n != "ava"}
+        payload["memory_ratio"] = {n: results["ava"]["peak_step_bytes"] / results[n]["peak_step_bytes"]
+                                   for n in models if n != "ava"}
     return payload
+
+
+def _summary(phases: list[dict[str, float]], tokens: int, flops_per_token: float, peak: Optional[float],
+             matmul_rate: float) -> dict[str, Any]:
+    """Median step and phases, spread, tokens/s and the achieved FLOP/s against the peak and the
+    measured matmul rate."""
+    totals = [sum(p.values()) for p in phases]
+    step_ms = statistics.median(totals)
+    q = statistics.quantiles(totals, n=4) if len(totals) >= 4 else [min(totals), 0, max(totals)]
+    r: dict[str, Any] = {
+        "status": "ok", "step_ms": step_ms, "step_iqr_ms": q[2] - q[0], "steps": len(totals),
+        **{f"{k}_ms": statistics.median(p[k] for p in phases) for k in ("forward", "backward", "optimizer")},
+        "tokens_per_s": tokens / (step_ms / 1e3),
+    }
+    r["flops_per_s"] = r["tokens_per_s"] * flops_per_token
+    r["mfu"] = r["flops_per_s"] / peak if peak else None
+    r["matmul_fraction"] = r["flops_per_s"] / matmul_rate
+    return r
 
 
 def _dims(cfg: ModelConfig) -> str:

@@ -71,6 +71,11 @@ class ModelConfig:
     # `auto` on a CPU: the per-expert loop from this many routed rows per expert (T·k/E) up, the
     # grouped matmul below it (`ava-bench moe`: the loop wins from ~512 rows, loses at 128)
     loop_min_rows_per_expert: int = 256
+    # training: the LM head's loss this many rows at a time, never the full [B·L, V] logits
+    # (null: the full logits, and they are returned). At 1,024 tokens x vocabulary 65,536 on CPU,
+    # 256 rows took the time of the full logits (2.83 vs 2.90 s) with a quarter of their memory;
+    # 32-128 rows were slower (skinnier matmuls)
+    loss_chunk_rows: Optional[int] = 256
 
     def __post_init__(self) -> None:
         if MISSING in (self.hidden_size, self.num_layers, self.num_heads, self.ffn_size):
@@ -79,7 +84,7 @@ class ModelConfig:
                     "num_experts", "top_k", "max_seq_len", "sinkhorn_iters", "loop_min_rows_per_expert"):
             value = getattr(self, key)
             require(value > 0, f"model.{key}={value} must be a positive integer")
-        for key in ("num_kv_heads", "head_dim", "dense_ffn_size", "shared_ffn_size"):
+        for key in ("num_kv_heads", "head_dim", "dense_ffn_size", "shared_ffn_size", "loss_chunk_rows"):
             value = getattr(self, key)
             require(value is None or value > 0, f"model.{key}={value} must be a positive integer or null")
         if self.head_dim is None:

@@ -11,6 +11,7 @@ from ava.config import ModelConfig
 from ava.model.capacity import Assignment, apply_capacity, capacity_for
 from ava.model.expert_loop import expert_loop
 from ava.model.experts import DenseFFN, Experts, resolve_backend
+from ava.model.precision import autocast_dtype
 from ava.model.router import Router, router_choice
 from ava.model.routing_stats import RouterStats, RoutingCollector, router_stats
 
@@ -106,11 +107,6 @@ def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Expert
     x_SH = _Dispatch.apply(x_TH, order_S, pos_A, kept_A)
     y_SH = experts(x_SH, expert_S, counts_E)
     return _Combine.apply(y_SH, weight_TK, order_S, pos_A, kept_A)
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype `torch.autocast` computes matmuls in on this device type, None outside autocast."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def route(router: Router, cfg: ModelConfig, x_TH: torch.Tensor, training: bool,

@@ -16,11 +16,10 @@ from torch.utils.checkpoint import checkpoint
 from ava.config import ModelConfig
 from ava.model.attention import CausalSelfAttention, KVCache
 from ava.model.experts import DenseFFN, depth_scaled_std, init_experts
+from ava.model.lm_loss import IGNORE_INDEX, LMHead, linear_cross_entropy
 from ava.model.moe import MoELayer
 from ava.model.rope import RotaryEmbedding
 from ava.model.routing_stats import RouterStats, RoutingCollector
-
-IGNORE_INDEX = -100
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -59,7 +58,7 @@ class Block(nn.Module):
 
 @dataclass
 class AvaOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None in training with labels and model.loss_chunk_rows: never built
     loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
     lm_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None  # mean over MoE layers (0 for a dense model)
@@ -77,7 +76,7 @@ class AvaForCausalLM(nn.Module):
         self.routing = RoutingCollector()  # fed by every MoE layer in its forward
         self.layers = nn.ModuleList(Block(cfg, i, self.routing) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -138,21 +137,30 @@ class AvaForCausalLM(nn.Module):
                 cache.append(kv)
         stats = self.routing.take(self.cfg.moe_layers)
         x = self.norm(x)
+        chunk = self.cfg.loss_chunk_rows
+        lm_loss = logits = None
         # an untied head runs as its module (ZeRO-3 gathers a partitioned weight in its hooks)
-        logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
-
+        if labels is not None and chunk and self.training and torch.is_grad_enabled():
+            if self.lm_head is None:
+                lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.embed_tokens.weight,
+                                               labels.reshape(-1), chunk)
+            else:
+                lm_loss = self.lm_head(x, labels, chunk)
+        else:
+            logits = F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+            if labels is not None:
+                lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
         if stats:
             aux = torch.stack([s.aux_loss for s in stats]).mean()
             z = torch.stack([s.z_loss for s in stats]).mean()
         else:
-            aux = z = logits.new_zeros((), dtype=torch.float32)
+            aux = z = x.new_zeros((), dtype=torch.float32)
         out = AvaOutput(logits=logits, aux_loss=aux, z_loss=z, router_stats=stats,
                         past_key_values=cache if use_cache else None)
-        if labels is not None:
-            out.lm_loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-            out.loss = out.lm_loss + self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+        if lm_loss is not None:
+            out.lm_loss = lm_loss
+            out.loss = lm_loss + self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
         return out
 
     def num_parameters(self, active_only: bool = False) -> int:

@@ -38,7 +38,7 @@ log = logging.getLogger("ava.train")
 TRAINING_ONLY = ("name", "router_jitter", "capacity_factor", "eval_capacity_factor", "overflow", "routing",
                  "sinkhorn_iters", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "expert_bias",
                  "bias_update_rate", "expert_backend", "loop_min_rows_per_expert", "activation_checkpointing",
-                 "init_std", "max_seq_len")
+                 "init_std", "max_seq_len", "loss_chunk_rows")
 
 
 def open_source(path: str) -> ExportedModel:

@@ -77,5 +77,9 @@ def test_train_quick_losses_agree_at_step_zero(tmp_path):
         assert r["status"] == "ok"
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_s"] > 0
         assert {"forward_ms", "backward_ms", "optimizer_ms"} <= set(r)
+        assert r["peak_step_bytes"] > 0 and r["matmul_fraction"] > 0
+    assert data["threads"] == 1 and data["other_threads"] == {}  # --threads 1: one column, not two
+    assert data["matmul_flops_per_s"] > 0 and set(data["memory_ratio"]) == {"hf", "hf_eager"}
+    assert any("step 2/3" in line for line in stdout.splitlines())  # progress while it runs
     assert data["results"]["ava"]["parameters"] == data["results"]["hf"]["parameters"]
     assert "ava-bench train" in stdout

@@ -8,7 +8,7 @@ import torch
 
 from ava.bench import peers
 from ava.bench.moe_bench import MEAN_NORM, SKEW
-from ava.bench.timing import _summarise, peak_forward_memory
+from ava.bench.timing import _summarise, peak_memory
 
 TOL = 1e-5
 
@@ -78,10 +78,10 @@ def test_dense_mlp_is_the_single_expert_layer():
     torch.testing.assert_close(g_dense, g_ava, atol=TOL, rtol=TOL)
 
 
-def test_peak_forward_memory_counts_saved_activations():
+def test_peak_memory_counts_saved_activations():
     lin = torch.nn.Linear(64, 256)
     x = torch.randn(128, 64, requires_grad=True)
-    peak = peak_forward_memory(lambda: torch.relu(lin(x)), torch.device("cpu"))
+    peak = peak_memory(lambda: torch.relu(lin(x)), torch.device("cpu"))
     assert peak >= 128 * 256 * 4  # the relu output (saved for backward) at least
 
 
