@@ -154,5 +154,9 @@ def load_weights(model: torch.nn.Module, source: ExportedModel, upcycle_noise: f
     if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
         log.info("init_from: stored %s weights become %s master weights for training", "/".join(stored),
                  str(target).removeprefix("torch."))
-    model.load_state_dict({n: t.to(target) if t.is_floating_point() else t for n, t in tensors.items()}, strict=True)
+    # tensor by tensor, each freed once copied (copy_ casts): never a second full-precision copy
+    # of the model beside it, as a cast state dict for load_state_dict would be
+    with torch.no_grad():
+        for name, value in list(expected.items()):
+            value.copy_(tensors.pop(name))
 

@@ -1,6 +1,7 @@
 """`init_from=` a directory `transformers` saved (Qwen3-MoE: GQA, per-head q/k norm, an explicit
 head_dim, a dense layer), on 2 ranks: the architecture, weights and tokenizer come from it
-although `experiment=smoke` picks nano, it trains, and `ava-export --layout auto` writes it back
+although `experiment=smoke` picks nano, step 1's loss is what transformers computes on the same
+first batches, it trains, and `ava-export --layout auto` writes it back
 as a Qwen3-MoE that `transformers` loads with Ava's logits. (The refusals, which stop before any
 process group: tests/unit/hf/test_families.py.)"""
 
@@ -13,14 +14,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ava.config import TokenizerConfig
+from ava.config import DataConfig, TokenizerConfig
+from ava.data.loader import BlockLoader
+from ava.data.prepare import prepare_data
 from ava.data.tokenizer import save_atomic, train_tokenizer
 from ava.files import sha256_file
 
 transformers = pytest.importorskip("transformers", reason="the `hf` extra (transformers) is not installed")
 
+# dropless and jitter-free (training-only settings, still the run's to choose): the function
+# transformers computes, so step 1's loss can be checked against it
 RUN = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.save_every=0",
-       "trainer.eval_every=2", "trainer.warmup_steps=1", "model.capacity_factor=2.0"]
+       "trainer.eval_every=2", "trainer.warmup_steps=1", "model.capacity_factor=null", "model.router_jitter=0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +65,17 @@ def test_training_starts_from_a_transformers_checkpoint_and_exports_back_to_its_
         "path": str(qwen3_moe_dir.resolve()), "family": "qwen3_moe", "file": "model.safetensors",
         "sha256": sha256_file(qwen3_moe_dir / "model.safetensors")}
     assert recorded.model.num_layers == 3 and recorded.data.tokenizer.path == str(qwen3_moe_dir / "tokenizer.json")
+    # step 1 trained on each rank's first micro-batch: transformers' loss on those same batches
+    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), recorded.data))
+    blocks = prepare_data(data_cfg, model_vocab_size=512, seed=recorded.seed, progress=False).train
+    hf = transformers.AutoModelForCausalLM.from_pretrained(qwen3_moe_dir).eval()
+    with torch.no_grad():
+        theirs_step1 = [torch.nn.functional.cross_entropy(hf(b["input_ids"]).logits.reshape(-1, 512),
+                                                          b["labels"].reshape(-1), ignore_index=-100).item()
+                        for b in (next(BlockLoader(blocks, micro_batch_size=4, rank=r, world_size=2,
+                                                   seed=recorded.seed)) for r in (0, 1))]
+    lm_loss_step1 = next(r["train/lm_loss"] for r in run.metrics() if r.get("step") == 1 and "train/lm_loss" in r)
+    assert lm_loss_step1 == pytest.approx(sum(theirs_step1) / 2, rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["head_dim"], config["mlp_only_layers"]) == ("qwen3_moe", 24, [1])
     ours = load_model(out).model
