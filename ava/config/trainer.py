@@ -139,6 +139,9 @@ class TrainerConfig:
     allow_data_change: bool = False  # resume even if the data fingerprint differs from the saved one
     dist_timeout_s: int = 1800  # process-group timeout: a lost rank ends the run within this
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # glibc malloc_trim after every this many steps (0: never): the freed, routing-shaped
+    # activations of a step go back to the OS instead of piling up (ava/train/host_memory.py)
+    trim_host_memory_every: int = 1
     expert_parallel_size: int = 1  # ranks that share one copy of each layer's experts (DeepSpeed AutoEP)
     health: HealthConfig = field(default_factory=HealthConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -151,7 +154,7 @@ class TrainerConfig:
                     "log_every", "keep_last", "dist_timeout_s", "expert_parallel_size"):
             value = getattr(self, key)
             require(value > 0, f"trainer.{key}={value} must be a positive integer")
-        for key in ("warmup_steps", "eval_every", "save_every"):
+        for key in ("warmup_steps", "eval_every", "save_every", "trim_host_memory_every"):
             value = getattr(self, key)
             require(value >= 0, f"trainer.{key}={value} must be >= 0")
         require(self.global_batch_size is None or self.global_batch_size > 0,

@@ -16,6 +16,15 @@ log = logging.getLogger("ava.train")
 GB = 1024**3
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (`ru_maxrss`: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 class MemoryMonitor(Callback):
     """Adds a reading to the metrics of every log step."""
 
@@ -40,7 +49,7 @@ class MemoryMonitor(Callback):
 
         rss = self.process.memory_info().rss
         vm = psutil.virtual_memory()
-        metrics = {"mem/host_rss_gb": rss / GB,
+        metrics = {"mem/host_rss_gb": rss / GB, "mem/host_peak_rss_gb": peak_rss() / GB,
                    "mem/host_used_fraction": 1.0 - vm.available / vm.total}
         if hasattr(self.process, "num_fds"):  # POSIX: a leak of files or sockets shows here
             metrics["mem/open_fds"] = float(self.process.num_fds())

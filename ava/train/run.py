@@ -37,6 +37,7 @@ from ava.train.evaluate import Evaluator
 from ava.train.expert_bias import expert_bias_callback
 from ava.train.faults import FaultInjector
 from ava.train.health_callback import HealthCallback
+from ava.train.host_memory import HostMemoryTrim
 from ava.train.init_from import load_weights, open_source
 from ava.train.plan import TrainPlan, make_plan
 from ava.train.restore import resume
@@ -153,6 +154,7 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
                       collapse_steps=m.collapse_steps, device=engine.device),
         ThroughputMonitor(plan.tokens_per_step(seq_len), flops_per_token,
                           device_peak_tflops(engine.device, m.peak_tflops)),
+        HostMemoryTrim(t.trim_host_memory_every),  # first: the monitor then reads what the step keeps
         MemoryMonitor(m.memory_warn_fraction, engine.device),
     ]
     if cfg.model.expert_bias:

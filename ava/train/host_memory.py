@@ -1,0 +1,49 @@
+"""Give the freed host memory of each step back to the OS (glibc's `malloc_trim`).
+
+A training step on a CPU allocates and frees activations of a few MiB each whose sizes follow the
+routing (tokens per expert change every step). glibc serves them from its heap once its dynamic
+mmap threshold has risen past them, and the holes their varying sizes leave are never returned:
+`experiment=cpu_demo` grew from 1.0 to 1.66 GiB RSS over 60 steps and stayed there, although one
+step needs a fraction of that. Trimming after every step kept it flat at 0.54-0.56 GiB for ~4% of
+the step time (fixing the mmap threshold at 1 MiB instead cost ~15%: every large tensor then
+page-faults in afresh). Elsewhere (macOS, musl) there is no `malloc_trim`, and nothing to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from typing import Callable, Optional
+
+from ava.observe.callbacks import Callback, StepOutput, TrainState
+
+log = logging.getLogger("ava.train")
+
+
+def malloc_trim() -> Optional[Callable[[], int]]:
+    """glibc's `malloc_trim(0)` (1 when memory went back to the OS), or None without glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: int(trim(0))
+
+
+class HostMemoryTrim(Callback):
+    """`malloc_trim` every `every` optimizer steps (`trainer.trim_host_memory_every`)."""
+
+    name = "host_memory_trim"
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.trim = malloc_trim() if every else None
+        if every and self.trim is None:
+            log.info("trainer.trim_host_memory_every=%d: this C library has no malloc_trim; not trimming", every)
+
+    def post_step(self, state: TrainState, output: StepOutput) -> None:
+        if self.trim is not None and state.step % self.every == 0:
+            self.trim()
