@@ -28,7 +28,7 @@ from ava.files import atomic_write
 from ava.model import AvaForCausalLM
 from ava.observe import Callback, CallbackList, TrainState, build_sinks
 from ava.observe.experts import ExpertMonitor
-from ava.observe.memory import MemoryMonitor
+from ava.observe.memory import MemoryMonitor, peak_rss
 from ava.observe.throughput import StepTimer, ThroughputMonitor, device_peak_tflops
 from ava.train.checkpoint import CheckpointManager
 from ava.train.checkpointing import Checkpointing, save_checkpoint
@@ -132,7 +132,8 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
     if cfg.init_from:  # before the engine: DeepSpeed partitions what it is given
         source = open_source(cfg.init_from)
         load_weights(model, source, cfg.upcycle.noise if cfg.upcycle.num_experts else None, seed=cfg.seed)
-        log.info("init_from: weights of %s (%s) loaded before step 0", source.path, source.layout)
+        log.info("init_from: weights of %s (%s) loaded before step 0 (host peak RSS so far %.2f GiB)",
+                 source.path, source.layout, peak_rss() / 2**30)
     seq_len = cfg.data.seq_len
     flops_per_token = float(model.flops_per_token(seq_len))
     log.info("model %s: %s parameters (%s active per token), %.2f GFLOPs/token", cfg.model.name,
