@@ -72,9 +72,8 @@ class ModelConfig:
     # grouped matmul below it (`ava-bench moe`: the loop wins from ~512 rows, loses at 128)
     loop_min_rows_per_expert: int = 256
     # training: the LM head's loss this many rows at a time, never the full [B·L, V] logits
-    # (null: the full logits, and they are returned). At 1,024 tokens x vocabulary 65,536 on CPU,
-    # 256 rows took the time of the full logits (2.83 vs 2.90 s) with a quarter of their memory;
-    # 32-128 rows were slower (skinnier matmuls)
+    # (null: the full logits, and they are returned); far fewer rows make the head's matmuls
+    # skinny and slow, far more give the memory back
     loss_chunk_rows: Optional[int] = 256
 
     def __post_init__(self) -> None:

@@ -2,11 +2,10 @@
 
 A training step on a CPU allocates and frees activations of a few MiB each whose sizes follow the
 routing (tokens per expert change every step). glibc serves them from its heap once its dynamic
-mmap threshold has risen past them, and the holes their varying sizes leave are never returned:
-`experiment=cpu_demo` grew from 1.0 to 1.66 GiB RSS over 60 steps and stayed there, although one
-step needs a fraction of that. Trimming after every step kept it flat at 0.54-0.56 GiB for ~4% of
-the step time (fixing the mmap threshold at 1 MiB instead cost ~15%: every large tensor then
-page-faults in afresh). Elsewhere (macOS, musl) there is no `malloc_trim`, and nothing to do.
+mmap threshold has risen past them, and the holes their varying sizes leave are never returned,
+so the resident set climbs far above what one step needs. A trim after each step costs a few
+percent of the step; a fixed low mmap threshold instead would make every large tensor page-fault
+in afresh, which costs more. Elsewhere (macOS, musl) there is no `malloc_trim`, and nothing to do.
 """
 
 from __future__ import annotations
