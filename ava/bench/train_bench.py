@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from ava.bench.timing import Stopwatch, matmul_rate, peak_memory
-from ava.config import ModelConfig, model_preset
+from ava.config import IGNORE_INDEX, ModelConfig, model_preset
 from ava.hf.layouts import ava_to_mixtral, mixtral_incompatibilities
-from ava.model.lm_loss import IGNORE_INDEX
 from ava.model.transformer import AvaForCausalLM
 
 # Dense bf16 peak tensor FLOP/s (no sparsity) by device-name substring; first match wins.

@@ -16,14 +16,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ava.config.checks import ConfigError, one_of, require
-from ava.config.data import DataConfig, SourceConfig, TokenizerConfig
+from ava.config.data import IGNORE_INDEX, ChatConfig, DataConfig, SourceConfig, TokenizerConfig
 from ava.config.model import ModelConfig, UpcycleConfig
 from ava.config.runtime import DeepSpeedConfig, LoggerConfig
 from ava.config.trainer import HealthConfig, InjectConfig, MonitorConfig, TrainerConfig
 
 __all__ = [
-    "AvaConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "HealthConfig", "InjectConfig",
-    "LoggerConfig", "ModelConfig", "MonitorConfig", "SourceConfig", "TokenizerConfig", "TrainerConfig",
+    "IGNORE_INDEX", "AvaConfig", "ChatConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "HealthConfig",
+    "InjectConfig", "LoggerConfig", "ModelConfig", "MonitorConfig", "SourceConfig", "TokenizerConfig", "TrainerConfig",
     "UpcycleConfig",
     "compose", "conf_dir", "model_preset", "one_of", "register_configs", "require", "to_object",
 ]

@@ -9,6 +9,8 @@ from omegaconf import MISSING
 
 from ava.config.checks import one_of, require
 
+IGNORE_INDEX = -100  # a label that is not a loss target (transformers' convention), from loader to loss
+
 
 @dataclass
 class SourceConfig:
@@ -61,10 +63,29 @@ class TokenizerConfig:
 
 
 @dataclass
+class ChatConfig:
+    """`data.kind=chat`: where the conversation is in a record and how it becomes tokens."""
+
+    messages_field: str = "messages"  # a list of {role, content}
+    prompt_field: str = "prompt"  # or a prompt/completion pair: one user turn, one assistant turn
+    completion_field: str = "completion"
+    # a Jinja chat template file; default: the `chat_template` of the tokenizer_config.json beside
+    # data.tokenizer.path, else Ava's built-in ChatML template
+    template: Optional[str] = None
+    overlong: str = "truncate"  # a conversation over seq_len + 1 tokens: truncate | drop (both counted)
+
+    def __post_init__(self) -> None:
+        one_of("data.chat.overlong", self.overlong, ("truncate", "drop"))
+        for key in ("messages_field", "prompt_field", "completion_field"):
+            require(bool(getattr(self, key)), f"data.chat.{key} must not be empty")
+
+
+@dataclass
 class DataConfig:
     """A named dataset, how to validate it, tokenize it, pack it and cache it."""
 
     name: str = MISSING
+    kind: str = "text"  # text: every token a target | chat: conversations through a chat template
     builtin: Optional[str] = None  # e.g. "python_docs"
     sources: List[SourceConfig] = field(default_factory=list)
     seq_len: int = 256
@@ -76,11 +97,17 @@ class DataConfig:
     batch_size: int = 1000  # documents per batch when reading, tokenizing and training BPE
     cache_dir: str = "${oc.env:AVA_CACHE,${oc.env:HOME,.}/.cache/ava}"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    train_on: str = "assistant"  # chat targets: assistant turns only | all tokens
+    # attention stays inside each packed document and RoPE positions restart per document
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.name == MISSING:
             return
         require(self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive")
+        one_of("data.kind", self.kind, ("text", "chat"))
+        one_of("data.train_on", self.train_on, ("assistant", "all"))
         require(0.0 <= self.val_fraction < 1.0,
                  f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         require(self.num_proc > 0, f"data.num_proc={self.num_proc} must be positive")

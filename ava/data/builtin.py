@@ -1,4 +1,5 @@
-"""Built-in corpora that need no download. `python_docs`: English prose shipped with Python.
+"""Built-in corpora that need no download. `python_docs`: English prose shipped with Python;
+`python_qa`: conversations made from it (data.kind=chat).
 
 It is the interactive-help topics of `pydoc_data.topics` plus the docstrings of the standard
 library's modules (and of their public classes, functions and methods), about 2 MB.
@@ -12,7 +13,9 @@ printing, GUI toolkits, terminal setup) are never imported.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,26 +51,61 @@ def corpus_hash(documents: List[Document]) -> str:
     return digest.hexdigest()
 
 
+HEADER = re.compile(r"^(function|method|class) ([\w.]+)$")
+QA_SYSTEM = "You answer questions about the Python standard library in one paragraph."
+QA_SYSTEM_EVERY = 3  # every third conversation has a system prompt, so both shapes are trained
+
+
+def python_qa_conversations() -> List[Tuple[str, list]]:
+    """One conversation per documented function, method or class of `python_docs`: the question
+    names it, the answer is its docstring's first paragraph."""
+    conversations: List[Tuple[str, list]] = []
+    for location, text in python_docs_documents():
+        paragraphs = text.split("\n\n")
+        for header, answer in itertools.pairwise(paragraphs):
+            match = HEADER.match(header)
+            if match is None or HEADER.match(answer) or not answer.strip():
+                continue
+            kind, name = match.groups()
+            messages = [{"role": "user", "content": f"What does the {kind} `{name}` do?"},
+                        {"role": "assistant", "content": answer.strip()}]
+            if len(conversations) % QA_SYSTEM_EVERY == 0:
+                messages.insert(0, {"role": "system", "content": QA_SYSTEM})
+            conversations.append((f"{location}#{name}", messages))
+    return conversations
+
+
 @dataclass(frozen=True)
 class BuiltinCorpus:
     """A named corpus built in code; bump `version` whenever the builder's output changes."""
 
     name: str
     version: str
-    build: Callable[[], List[Document]]
+    build: Callable[[], list]
+    kind: str = "text"  # the data.kind it serves: text documents or chat conversations
 
     def records(self) -> Iterator[RawRecord]:
-        for location, text in self.build():
-            yield RawRecord(location, text=text)
+        for location, content in self.build():
+            if self.kind == "chat":
+                yield RawRecord(location, messages=content)
+            else:
+                yield RawRecord(location, text=content)
 
 
 CORPORA: Dict[str, BuiltinCorpus] = {
     "python_docs": BuiltinCorpus("python_docs", "2", python_docs_documents),
+    "python_qa": BuiltinCorpus("python_qa", "1", python_qa_conversations, kind="chat"),
 }
 
 
-def get(name: str) -> BuiltinCorpus:
+def get(name: str, kind: str = "text") -> BuiltinCorpus:
+    """The corpus `name`, which must serve `data.kind=kind`."""
     if name not in CORPORA:
         raise DataSourceError(f"data.builtin={name!r} is not a built-in corpus; "
                               f"available: {sorted(CORPORA)}")
-    return CORPORA[name]
+    corpus = CORPORA[name]
+    if corpus.kind != kind:
+        fitting = sorted(n for n, c in CORPORA.items() if c.kind == kind)
+        raise DataSourceError(f"data.builtin={name!r} holds {corpus.kind} records but data.kind={kind}; "
+                              f"built-in corpora for data.kind={kind}: {fitting}")
+    return corpus

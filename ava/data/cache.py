@@ -1,7 +1,10 @@
 """The on-disk token cache: its key, its layout, and atomic publication.
 
 Layout of `<data.cache_dir>/data/<name>-<key16>/`:
-`train.bin`, `val.bin` (flat token ids), `tokenizer.json` (the tokenizer used), `report.json`
+`train.bin`, `val.bin` (token ids), `train.docs`, `val.docs` (int64 start offsets of the documents
+of a text stream), `train.targets`, `val.targets` (uint8, 1 = a loss target; chat only),
+`train.segments`, `val.segments` (int32, each token's document within its block; chat only),
+`tokenizer.json` (the tokenizer used), `report.json`
 (validation report) and `meta.json` (sizes, dtype, ids; written last). A cache directory is
 built under a hidden scratch name and renamed into place in one step, so a directory with the
 final name is always complete: an interrupted preparation leaves only a `.tmp-*` directory,
@@ -19,12 +22,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CACHE_FORMAT_VERSION = 2  # 2: report.json records the first skipped record
+CACHE_FORMAT_VERSION = 3  # 2: report.json records the first skipped record; 3: document starts, chat blocks
 META = "meta.json"
 REPORT = "report.json"
 TOKENIZER = "tokenizer.json"
 TRAIN = "train.bin"
 VAL = "val.bin"
+DOCS = ".docs"  # suffixes of a split's companion files: train.docs, val.targets, ...
+TARGETS = ".targets"
+SEGMENTS = ".segments"
 
 
 def stable_hash(obj: object) -> str:
@@ -48,6 +54,10 @@ class CacheMeta:
     val_documents: int
     build_seconds: float
     format_version: int = CACHE_FORMAT_VERSION
+    kind: str = "text"  # text: one stream of documents; chat: packed blocks of block_len tokens
+    block_len: int = 0  # chat: seq_len + 1, the length of every stored block
+    train_blocks: int = 0  # chat: blocks per split (text blocks are views of the stream)
+    val_blocks: int = 0
 
     def save(self, directory: Path) -> None:
         (directory / META).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

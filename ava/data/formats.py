@@ -13,7 +13,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import IO, Iterator, List, Optional, Tuple
+from typing import IO, Callable, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 
@@ -161,6 +161,13 @@ def _paragraph(block: List[bytes], location: str) -> RawRecord:
     return bad or RawRecord(location, text=text)
 
 
+RecordMaker = Callable[[object, str], RawRecord]  # (parsed object, location) -> record
+
+
+def text_record(text_field: str) -> RecordMaker:
+    return lambda obj, location: _from_object(obj, text_field, location)
+
+
 def _from_object(obj: object, text_field: str, location: str) -> RawRecord:
     if not isinstance(obj, dict):
         return RawRecord(location, reason=MALFORMED_JSON,
@@ -175,7 +182,7 @@ def _from_object(obj: object, text_field: str, location: str) -> RawRecord:
     return RawRecord(location, text=value)
 
 
-def read_jsonl(path: Path, compression: Optional[str], text_field: str) -> Iterator[RawRecord]:
+def read_jsonl(path: Path, compression: Optional[str], make: RecordMaker) -> Iterator[RawRecord]:
     """One JSON object per line; blank lines carry no record and are not counted."""
     with open_binary(path, compression) as stream:
         for number, raw in enumerate(stream, start=1):
@@ -191,15 +198,15 @@ def read_jsonl(path: Path, compression: Optional[str], text_field: str) -> Itera
             except json.JSONDecodeError as exc:
                 yield RawRecord(location, reason=MALFORMED_JSON, detail=exc.msg)
                 continue
-            yield _from_object(obj, text_field, location)
+            yield make(obj, location)
 
 
-def read_json(path: Path, compression: Optional[str], text_field: str) -> Iterator[RawRecord]:
+def read_json(path: Path, compression: Optional[str], make: RecordMaker) -> Iterator[RawRecord]:
     """A JSON array of objects (location = row), or JSON Lines saved as `.json`."""
     with open_binary(path, compression) as stream:
         head = stream.read(SNIFF_BYTES).lstrip()
     if not head.startswith(b"["):
-        yield from read_jsonl(path, compression, text_field)
+        yield from read_jsonl(path, compression, make)
         return
     with open_binary(path, compression) as stream:
         raw = stream.read()
@@ -213,7 +220,7 @@ def read_json(path: Path, compression: Optional[str], text_field: str) -> Iterat
         yield RawRecord(f"{path}:{exc.lineno}", reason=MALFORMED_JSON, detail=exc.msg)
         return
     for number, obj in enumerate(items, start=1):
-        yield _from_object(obj, text_field, f"{path}:row {number}")
+        yield make(obj, f"{path}:row {number}")
 
 
 def _column_records(column: pa.Array, first_row: int, where: str) -> Iterator[RawRecord]:
@@ -259,18 +266,32 @@ def _seekable(path: Path, compression: Optional[str]) -> pa.NativeFile:
         return pa.BufferReader(stream.read())
 
 
-def read_parquet(path: Path, compression: Optional[str], text_field: str,
-                 batch_size: int) -> Iterator[RawRecord]:
+def _parquet_file(path: Path, compression: Optional[str]):
     import pyarrow.parquet as pq
 
     try:
-        reader = pq.ParquetFile(_seekable(path, compression))
+        return pq.ParquetFile(_seekable(path, compression))
     except pa.ArrowException as exc:
         raise DataSourceError(f"{path}: not a readable parquet file ({exc})") from exc
+
+
+def read_parquet(path: Path, compression: Optional[str], text_field: str,
+                 batch_size: int) -> Iterator[RawRecord]:
+    reader = _parquet_file(path, compression)
     schema = reader.schema_arrow
     check_text_column(schema, text_field, str(path))
     yield from table_records(reader.iter_batches(batch_size=batch_size, columns=[text_field]),
                              schema, text_field, str(path))
+
+
+def read_parquet_rows(path: Path, compression: Optional[str], make: RecordMaker,
+                      batch_size: int) -> Iterator[RawRecord]:
+    """Whole rows as objects (a conversation is a list of structs, not a text column)."""
+    row = 1
+    for batch in _parquet_file(path, compression).iter_batches(batch_size=batch_size):
+        for obj in batch.to_pylist():
+            yield make(obj, f"{path}:row {row}")
+            row += 1
 
 
 def read_arrow(path: Path, compression: Optional[str], text_field: str) -> Iterator[RawRecord]:

@@ -17,19 +17,29 @@ from typing import Any, Dict, Optional, Protocol
 import numpy as np
 import torch
 
+from ava.config import IGNORE_INDEX
+
 
 class Blocks(Protocol):
+    """Optionally `targets`: None (or absent) when every token is a target, else `targets(i)`
+    flags block i's targets; `segments(i)` is needed for `document_mask` only."""
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> np.ndarray: ...
 
+    def segments(self, index: int) -> np.ndarray: ...
+
 
 class BlockLoader:
     """next(loader) -> {"input_ids": LongTensor[B, L], "labels": LongTensor[B, L]}, where
-    `labels[:, t] == input_ids[:, t + 1]` within a block (targets already aligned)."""
+    `labels[:, t] == input_ids[:, t + 1]` within a block (targets already aligned) or -100 where
+    that token is not a target; with `document_mask` also "document_ids" `[B, L]`, each input
+    token's document within its block, which the model turns into a block-diagonal mask."""
 
     def __init__(self, blocks: Blocks, *, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 document_mask: bool = False) -> None:
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -40,6 +50,7 @@ class BlockLoader:
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.document_mask = document_mask
         self.num_blocks = len(blocks)
         self.blocks_per_rank = self.num_blocks // world_size
         self.batches_per_epoch = self.blocks_per_rank // micro_batch_size
@@ -79,7 +90,15 @@ class BlockLoader:
         batch = torch.from_numpy(np.stack([self.blocks[int(i)] for i in indices])
                                  .astype(np.int64))
         self.position += 1
-        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+        out = {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+        flags = getattr(self.blocks, "targets", None)  # absent or None: every token is a target
+        if flags is not None:
+            targets = torch.from_numpy(np.stack([flags(int(i)) for i in indices]))
+            out["labels"] = torch.where(targets[:, 1:], batch[:, 1:], IGNORE_INDEX)
+        if self.document_mask:
+            segments = np.stack([self.blocks.segments(int(i)) for i in indices])
+            out["document_ids"] = torch.from_numpy(segments[:, :-1])
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         """Enough to continue exactly where this loader is, plus the geometry it assumes."""

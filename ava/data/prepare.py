@@ -26,8 +26,18 @@ from ava import dist
 from ava.config import DataConfig
 from ava.data import cache
 from ava.data import tokenizer as tok
+from ava.data.chat import TOO_LONG, ChatValidator, load_template
 from ava.data.errors import DataError, DataSourceError, DataValidationError
-from ava.data.packing import TokenBlocks, token_dtype, tokenize, write_stream
+from ava.data.packing import (
+    ChatBlocks,
+    TokenBlocks,
+    pack_conversations,
+    token_dtype,
+    tokenize,
+    tokenize_chat,
+    write_blocks,
+    write_stream,
+)
 from ava.data.sources import Source, resolve_sources
 from ava.data.validate import ValidationReport, Validator
 from ava.files import sha256_file
@@ -39,8 +49,8 @@ log = logging.getLogger(__name__)
 class PreparedData:
     """Everything the trainer needs from the data, all backed by one cache directory."""
 
-    train: TokenBlocks
-    val: TokenBlocks
+    train: TokenBlocks | ChatBlocks
+    val: TokenBlocks | ChatBlocks
     tokenizer_path: Path
     vocab_size: int
     fingerprint: str  # cache key + seq_len: a resumed run must see the same value
@@ -49,6 +59,7 @@ class PreparedData:
     pad_id: int
     cache_path: Path
     seq_len: int
+    kind: str = "text"
 
 
 class _Output:
@@ -87,11 +98,18 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, n
 def _keys(data_cfg: DataConfig, sources: List[Source], seed: int,
           model_vocab_size: int) -> Tuple[str, str, dict]:
     """(cache key, corpus key, tokenizer identity). The corpus key covers what decides the
-    documents of each split; the cache key adds the tokenizer. `seq_len` is in neither:
-    blocks are views, so one cache serves every sequence length."""
+    documents of each split; the cache key adds the tokenizer. For text `seq_len` is in neither:
+    blocks are views, so one cache serves every sequence length. Conversations are packed into
+    blocks of `seq_len + 1`, so for chat the key holds it, with the template and the mask rule."""
+    chat = None
+    if data_cfg.kind == "chat":
+        chat = {"template": load_template(data_cfg).identity, "train_on": data_cfg.train_on,
+                "overlong": data_cfg.chat.overlong, "seq_len": data_cfg.seq_len,
+                "fields": [data_cfg.chat.messages_field, data_cfg.chat.prompt_field,
+                           data_cfg.chat.completion_field]}
     corpus_key = cache.stable_hash({
         "sources": [s.identity for s in sources], "max_doc_chars": data_cfg.max_doc_chars,
-        "val_fraction": data_cfg.val_fraction, "seed": seed,
+        "val_fraction": data_cfg.val_fraction, "seed": seed, "chat": chat,
         "format_version": cache.CACHE_FORMAT_VERSION})
     tcfg = data_cfg.tokenizer
     if tcfg.path:
@@ -107,29 +125,39 @@ def _keys(data_cfg: DataConfig, sources: List[Source], seed: int,
     return cache.stable_hash({"corpus": corpus_key, "tokenizer": identity}), corpus_key, identity
 
 
+TEXT_SCHEMA = pa.schema([("text", pa.string())])
+CHAT_SCHEMA = pa.schema([("location", pa.string()), ("segments", pa.list_(pa.string())),
+                         ("targets", pa.list_(pa.bool_()))])
+
+
 def _read_documents(sources: List[Source], validator: Validator, path: Path, batch_size: int,
-                    progress: bool) -> int:
+                    progress: bool, schema: pa.Schema) -> int:
     """Validate every record of every source and write the kept documents to an Arrow
-    stream file (column `text`), in source order; returns the number of documents."""
-    schema = pa.schema([("text", pa.string())])
+    stream file (`TEXT_SCHEMA`, or `CHAT_SCHEMA` for rendered conversations), in source order;
+    returns the number of documents."""
+    def flush(rows: list) -> None:
+        if schema is TEXT_SCHEMA:
+            writer.write_batch(pa.record_batch([pa.array(rows, pa.string())], schema=schema))
+        else:
+            writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+
     written = 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
             tqdm(desc="read + validate", unit="doc", disable=not progress) as bar:
-        batch: List[str] = []
+        batch: list = []
         for source in sources:
             bar.set_postfix_str(source.name[-60:], refresh=False)
             try:
-                for text in validator(_counted(source.records(), bar)):
-                    batch.append(text)
+                for document in validator(_counted(source.records(), bar)):
+                    batch.append(document)
                     if len(batch) >= batch_size:
-                        writer.write_batch(pa.record_batch([pa.array(batch, pa.string())],
-                                                           schema=schema))
+                        flush(batch)
                         written += len(batch)
                         batch = []
             except (OSError, pa.ArrowException) as exc:
                 raise DataSourceError(f"{source.name}: read failed: {exc}") from exc
         if batch:
-            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+            flush(batch)
             written += len(batch)
     return written
 
@@ -141,8 +169,9 @@ def _counted(records: Iterator, bar: tqdm) -> Iterator:
 
 
 def _text_batches(dataset, batch_size: int) -> Iterator[List[str]]:
+    """What BPE trains on: the documents, or the rendered conversations."""
     for batch in dataset.iter(batch_size=batch_size):
-        yield batch["text"]
+        yield batch["text"] if "text" in batch else ["".join(spans) for spans in batch["segments"]]
 
 
 def _obtain_tokenizer(data_cfg: DataConfig, train_ds, identity: dict, root: Path,
@@ -181,10 +210,17 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
     try:
         work = scratch / "work"
         work.mkdir()
-        validator = Validator(max_doc_chars=data_cfg.max_doc_chars, strict=data_cfg.strict,
-                              report_examples=data_cfg.report_examples)
+        chat = data_cfg.kind == "chat"
+        if chat:
+            template = load_template(data_cfg)
+            out.say(f"data: chat template from {template.origin}; targets: {data_cfg.train_on} tokens")
+            validator: Validator = ChatValidator(template, data_cfg.train_on, strict=data_cfg.strict,
+                                                 report_examples=data_cfg.report_examples)
+        else:
+            validator = Validator(max_doc_chars=data_cfg.max_doc_chars, strict=data_cfg.strict,
+                                  report_examples=data_cfg.report_examples)
         n_docs = _read_documents(sources, validator, work / "documents.arrow",
-                                 data_cfg.batch_size, out.progress)
+                                 data_cfg.batch_size, out.progress, CHAT_SCHEMA if chat else TEXT_SCHEMA)
         report = validator.report
         if n_docs == 0:
             raise DataError(f"data '{data_cfg.name}': no document survived validation; "
@@ -200,17 +236,27 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
         eos_id, pad_id = tok.special_ids(tokenizer, data_cfg.tokenizer,
                                          data_cfg.tokenizer.path or "trained tokenizer")
         dtype = token_dtype(vocab_size)
-        counts = {}
+        counts, blocks = {}, {}
         for split, dataset in splits.items():
             tokenized = None
-            if len(dataset):
-                tokenized = tokenize(dataset, tokenizer, eos_id=eos_id, dtype=dtype,
-                                     num_proc=data_cfg.num_proc,
-                                     batch_size=data_cfg.batch_size,
-                                     cache_file=work / f"tokens-{split}.arrow",
-                                     desc=f"tokenize {split}", fingerprint=f"{key[:32]}-{split}")
-            counts[split] = write_stream(tokenized, scratch / f"{split}.bin", dtype,
-                                         data_cfg.batch_size)
+            common = dict(eos_id=eos_id, dtype=dtype, num_proc=data_cfg.num_proc, batch_size=data_cfg.batch_size,
+                          cache_file=work / f"tokens-{split}.arrow", desc=f"tokenize {split}",
+                          fingerprint=f"{key[:32]}-{split}")
+            if chat:
+                if len(dataset):
+                    tokenized = tokenize_chat(dataset, tokenizer, eos_target=data_cfg.train_on == "all", **common)
+                rows = (() if tokenized is None else
+                        (row for b in tokenized.iter(batch_size=data_cfg.batch_size)
+                         for row in zip(b["location"], b["ids"], b["targets"], strict=True)))
+                packed = pack_conversations(rows, data_cfg.seq_len + 1, pad_id, data_cfg.chat.overlong,
+                                            validator.truncate,
+                                            lambda location, detail: validator.drop(location, TOO_LONG, detail))
+                blocks[split], counts[split] = write_blocks(packed, scratch / f"{split}.bin", dtype)
+            else:
+                if len(dataset):
+                    tokenized = tokenize(dataset, tokenizer, **common)
+                counts[split] = write_stream(tokenized, scratch / f"{split}.bin", dtype,
+                                             data_cfg.batch_size)
         del documents, splits, tokenized
         shutil.rmtree(work)
         tokenizer.save(str(scratch / cache.TOKENIZER))
@@ -219,7 +265,9 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
                         eos_id=eos_id, pad_id=pad_id, train_tokens=counts["train"],
                         val_tokens=counts["val"], train_documents=len(train_idx),
                         val_documents=len(val_idx),
-                        build_seconds=round(time.perf_counter() - start, 3)).save(scratch)
+                        build_seconds=round(time.perf_counter() - start, 3), kind=data_cfg.kind,
+                        block_len=data_cfg.seq_len + 1 if chat else 0,
+                        train_blocks=blocks.get("train", 0), val_blocks=blocks.get("val", 0)).save(scratch)
         cache.publish(scratch, final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -275,13 +323,18 @@ def _open(final: Path, data_cfg: DataConfig, model_vocab_size: int) -> PreparedD
     tok.check_agreement(meta.vocab_size, model_vocab_size)  # every rank fails alike
     dtype = np.dtype(meta.dtype)
     seq_len = data_cfg.seq_len
+    if meta.kind == "chat":
+        train: TokenBlocks | ChatBlocks = ChatBlocks(final / cache.TRAIN, dtype, seq_len, meta.train_blocks)
+        val: TokenBlocks | ChatBlocks = ChatBlocks(final / cache.VAL, dtype, seq_len, meta.val_blocks)
+    else:
+        train = TokenBlocks(final / cache.TRAIN, dtype, seq_len, meta.train_tokens)
+        val = TokenBlocks(final / cache.VAL, dtype, seq_len, meta.val_tokens)
     return PreparedData(
-        train=TokenBlocks(final / cache.TRAIN, dtype, seq_len, meta.train_tokens),
-        val=TokenBlocks(final / cache.VAL, dtype, seq_len, meta.val_tokens),
+        train=train, val=val,
         tokenizer_path=final / cache.TOKENIZER, vocab_size=meta.vocab_size,
         fingerprint=cache.stable_hash({"cache": meta.key, "seq_len": seq_len})[:32],
         report=ValidationReport.load(final / cache.REPORT), eos_id=meta.eos_id,
-        pad_id=meta.pad_id, cache_path=final, seq_len=seq_len)
+        pad_id=meta.pad_id, cache_path=final, seq_len=seq_len, kind=meta.kind)
 
 
 def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 1234,

@@ -63,20 +63,35 @@ def _expand(pattern: str, where: str) -> List[Path]:
     return [f.resolve() for f in files]
 
 
-def _file_source(path: Path, cfg: SourceConfig, batch_size: int) -> Source:
-    fmt, compression = formats.detect_format(path, cfg.format, cfg.text_field,
-                                             cfg.csv_delimiter)
+CHAT_FORMATS = ("jsonl", "json", "parquet")  # formats whose records can hold a list of messages
+
+
+def _file_source(path: Path, cfg: SourceConfig, data_cfg: DataConfig) -> Source:
+    batch_size = data_cfg.batch_size
+    chat = data_cfg.kind == "chat"
+    sniff_field = data_cfg.chat.messages_field if chat else cfg.text_field
+    fmt, compression = formats.detect_format(path, cfg.format, sniff_field, cfg.csv_delimiter)
+    if chat:
+        if fmt not in CHAT_FORMATS:
+            raise DataSourceError(f"{path}: data.kind=chat reads {list(CHAT_FORMATS)} records, and this file is "
+                                  f"{fmt}; convert it, or set data.sources[].format if it is misdetected")
+        from ava.data.chat import record_maker
+
+        make = record_maker(data_cfg.chat)
+    else:
+        make = formats.text_record(cfg.text_field)
     readers = {
         "txt": lambda: formats.read_txt(path, compression, cfg.txt_mode),
-        "jsonl": lambda: formats.read_jsonl(path, compression, cfg.text_field),
-        "json": lambda: formats.read_json(path, compression, cfg.text_field),
-        "parquet": lambda: formats.read_parquet(path, compression, cfg.text_field, batch_size),
+        "jsonl": lambda: formats.read_jsonl(path, compression, make),
+        "json": lambda: formats.read_json(path, compression, make),
+        "parquet": (lambda: formats.read_parquet_rows(path, compression, make, batch_size)) if chat else (
+            lambda: formats.read_parquet(path, compression, cfg.text_field, batch_size)),
         "csv": lambda: formats.read_csv(path, compression, cfg.text_field, cfg.csv_delimiter),
         "arrow": lambda: formats.read_arrow(path, compression, cfg.text_field),
     }
     identity = {**_file_identity(path), "format": fmt, "compression": compression,
                 "text_field": cfg.text_field, "txt_mode": cfg.txt_mode,
-                "csv_delimiter": cfg.csv_delimiter}
+                "csv_delimiter": cfg.csv_delimiter, "kind": data_cfg.kind}
     return Source(name=f"{path} ({fmt}{'+' + compression if compression else ''})",
                   identity=identity, records=readers[fmt])
 
@@ -150,22 +165,27 @@ def resolve_sources(data_cfg: DataConfig, hf_cache_dir: Path) -> List[Source]:
 
     resolved: List[Source] = []
     if data_cfg.builtin:
-        corpus = builtin.get(data_cfg.builtin)
+        corpus = builtin.get(data_cfg.builtin, data_cfg.kind)
         identity = {"builtin": data_cfg.builtin, "version": corpus.version,
                     "python": sys.version, "implementation": sys.implementation.name}
         resolved.append(Source(name=f"builtin:{data_cfg.builtin}", identity=identity,
                                records=corpus.records))
     for index, cfg in enumerate(data_cfg.sources):
         where = f"data.sources[{index}]"
+        text_only = f"{where}: data.kind=chat reads {list(CHAT_FORMATS)} files; `datasets` sources are text-only"
         if cfg.builder is not None:
+            if data_cfg.kind == "chat":
+                raise DataSourceError(text_only)
             resolved.append(_builder_source(cfg, hf_cache_dir, data_cfg.batch_size, where))
             continue
         assert cfg.path is not None
         for path in _expand(cfg.path, where):
             if _is_dataset_dir(path):
+                if data_cfg.kind == "chat":
+                    raise DataSourceError(text_only)
                 resolved.append(_disk_dataset_source(path, cfg, data_cfg.batch_size))
             else:
-                resolved.append(_file_source(path, cfg, data_cfg.batch_size))
+                resolved.append(_file_source(path, cfg, data_cfg))
     return resolved
 
 
@@ -176,7 +196,7 @@ def check_sources(data_cfg: DataConfig) -> None:
     from ava.data import builtin
 
     if data_cfg.builtin:
-        builtin.get(data_cfg.builtin)
+        builtin.get(data_cfg.builtin, data_cfg.kind)
     for index, cfg in enumerate(data_cfg.sources):
         where = f"data.sources[{index}]"
         if cfg.path is not None:

@@ -23,8 +23,9 @@ MISSING_FIELD = "missing_field"
 NON_STRING_FIELD = "non_string_field"
 EMPTY_TEXT = "empty_text"
 SKIP_REASONS = (INVALID_UTF8, MALFORMED_JSON, MISSING_FIELD, NON_STRING_FIELD, EMPTY_TEXT)
-# Not a skip: an over-long document kept as several pieces.
+# Not skips: an over-long document kept as several pieces; a conversation cut to seq_len + 1 tokens.
 SPLIT = "split_too_long"
+TRUNCATED = "truncated"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class RawRecord:
 
     location: str  # "file:line" (line-based formats) or "file:row N" (tables)
     text: Optional[str] = None
+    messages: Optional[object] = None  # data.kind=chat: the conversation as read, checked later
     reason: Optional[str] = None
     detail: str = ""
 
@@ -52,6 +54,7 @@ class ValidationReport:
     skipped: Dict[str, int] = field(default_factory=dict)
     split_documents: int = 0  # kept documents longer than max_doc_chars
     split_pieces: int = 0  # the documents they became
+    truncated: int = 0  # conversations cut to seq_len + 1 tokens (data.chat.overlong=truncate)
     examples: Dict[str, List[str]] = field(default_factory=dict)
     # the first skipped record (location, reason, detail): a strict run that finds this report in
     # the cache stops with the message a fresh strict run would give
@@ -69,7 +72,7 @@ class ValidationReport:
     def to_dict(self) -> dict:
         return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
                 "split_documents": self.split_documents, "split_pieces": self.split_pieces,
-                "documents": self.documents, "examples": {k: list(v) for k, v in
+                "truncated": self.truncated, "documents": self.documents, "examples": {k: list(v) for k, v in
                                                           self.examples.items()},
                 "first_skip": self.first_skip}
 
@@ -77,6 +80,7 @@ class ValidationReport:
     def from_dict(cls, data: dict) -> ValidationReport:
         return cls(read=data["read"], kept=data["kept"], skipped=dict(data["skipped"]),
                    split_documents=data["split_documents"], split_pieces=data["split_pieces"],
+                   truncated=data.get("truncated", 0),
                    examples={k: list(v) for k, v in data["examples"].items()},
                    first_skip=data.get("first_skip"))
 
@@ -105,6 +109,10 @@ class ValidationReport:
             shown = ", ".join(self.examples.get(SPLIT, []))
             out.append(f"  split {self.split_documents} over-long documents into "
                        f"{self.split_pieces} pieces" + (f" (e.g. {shown})" if shown else ""))
+        if self.truncated:
+            shown = ", ".join(self.examples.get(TRUNCATED, []))
+            out.append(f"  truncated {self.truncated} conversations to seq_len + 1 tokens"
+                       + (f" (e.g. {shown})" if shown else ""))
         return out
 
 
@@ -146,6 +154,15 @@ class Validator:
         self._skipped[reason] += 1
         self.report.skipped = dict(sorted(self._skipped.items()))
         self._example(reason, record.location)
+
+    def drop(self, location: str, reason: str, detail: str) -> None:
+        """A kept record found unusable later (a conversation too long once tokenized)."""
+        self.report.kept -= 1
+        self._skip(RawRecord(location), reason, detail)
+
+    def truncate(self, location: str) -> None:
+        self.report.truncated += 1
+        self._example(TRUNCATED, location)
 
     def __call__(self, records: Iterable[RawRecord]) -> Iterator[str]:
         for record in records:

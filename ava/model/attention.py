@@ -34,6 +34,23 @@ def attention_mask_4d(
     return mask[:, None]
 
 
+def document_mask_4d(document_ids_BL: torch.Tensor) -> torch.Tensor:
+    """Boolean `[B, 1, L, L]`: causal attention within each packed document (block-diagonal)."""
+    seq = document_ids_BL.shape[1]
+    same = document_ids_BL[:, :, None] == document_ids_BL[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BL.device).tril()
+    return (same & causal)[:, None]
+
+
+def document_positions(document_ids_BL: torch.Tensor) -> torch.Tensor:
+    """RoPE positions `[B, L]` that restart at 0 where each document starts."""
+    batch, seq = document_ids_BL.shape
+    index = torch.arange(seq, device=document_ids_BL.device).expand(batch, seq)
+    first = torch.ones_like(document_ids_BL, dtype=torch.bool)
+    first[:, 1:] = document_ids_BL[:, 1:] != document_ids_BL[:, :-1]
+    return index - torch.cummax(torch.where(first, index, 0), dim=1).values
+
+
 class CausalSelfAttention(nn.Module):
     """Separate q/k/v/o projections: the Hugging Face layouts name them so, and export stays a
     rename. The KV cache holds the kv heads only; SDPA shares each among its query group.
@@ -67,9 +84,10 @@ class CausalSelfAttention(nn.Module):
         x_BLH: torch.Tensor,
         cos_BLD: torch.Tensor,
         sin_BLD: torch.Tensor,
-        key_valid_BS: Optional[torch.Tensor] = None,
+        mask_B1LS: Optional[torch.Tensor] = None,
         past_kv: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, KVCache]:
+        """`mask_B1LS` (True = attend) from `attention_mask_4d` or `document_mask_4d`; None: causal."""
         b, seq, _ = x_BLH.shape
 
         def heads(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -88,9 +106,8 @@ class CausalSelfAttention(nn.Module):
             past_len = past_kv[0].shape[2]
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        mask = attention_mask_4d(key_valid_BS, seq, past_len, x_BLH.device)
-        is_causal = mask is None and past_len == 0 and seq > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        is_causal = mask_B1LS is None and past_len == 0 and seq > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1LS, is_causal=is_causal,
                                            enable_gqa=self.kv_heads != self.num_heads)
         y = y.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)
         return self.o_proj(y), (k, v)

@@ -15,9 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ava.config import IGNORE_INDEX
 from ava.model.precision import autocast_dtype
-
-IGNORE_INDEX = -100  # labels that are not targets (transformers' convention)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

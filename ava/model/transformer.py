@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ava.config import ModelConfig
-from ava.model.attention import CausalSelfAttention, KVCache
+from ava.config import IGNORE_INDEX, ModelConfig
+from ava.model.attention import (
+    CausalSelfAttention,
+    KVCache,
+    attention_mask_4d,
+    document_mask_4d,
+    document_positions,
+)
 from ava.model.experts import DenseFFN, depth_scaled_std, init_experts
-from ava.model.lm_loss import IGNORE_INDEX, LMHead, linear_cross_entropy
+from ava.model.lm_loss import LMHead, linear_cross_entropy
 from ava.model.moe import MoELayer
 from ava.model.rope import RotaryEmbedding
 from ava.model.routing_stats import RouterStats, RoutingCollector
@@ -47,10 +53,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        key_valid: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
         past_kv: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        a, kv = self.attn(self.attn_norm(x), cos, sin, key_valid, past_kv)
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past_kv)
         x = x + a
         ffn = self.moe if self.moe is not None else self.mlp
         return x + ffn(self.moe_norm(x)), kv
@@ -103,11 +109,14 @@ class AvaForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         past_key_values: Optional[list[KVCache]] = None,
         use_cache: bool = False,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> AvaOutput:
         """`labels[b, t]` is the target for position t (already shifted); -100 is ignored.
 
         `attention_mask` `[B, past + L]` (1 = token, 0 = padding) covers cached and new tokens;
         with it, positions count real tokens only, so left-padded prompts decode correctly.
+        `document_ids` `[B, L]` numbers the documents packed in each row: attention stays inside
+        each and positions restart at each (training on packed data; no cache, no padding mask).
         """
         batch, seq = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -115,6 +124,14 @@ class AvaForCausalLM(nn.Module):
             raise ValueError(
                 f"sequence of {past_len + seq} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
+        if document_ids is not None:
+            if attention_mask is not None or past_key_values is not None or position_ids is not None:
+                raise ValueError("document_ids replaces attention_mask, position_ids and past_key_values; "
+                                 "pass it alone")
+            mask = document_mask_4d(document_ids)
+            position_ids = document_positions(document_ids)
+        else:
+            mask = attention_mask_4d(attention_mask, seq, past_len, input_ids.device)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq:]
@@ -130,9 +147,9 @@ class AvaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             if use_ckpt:
-                x, kv = checkpoint(layer, x, cos, sin, attention_mask, past, use_reentrant=False)
+                x, kv = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
             else:
-                x, kv = layer(x, cos, sin, attention_mask, past)
+                x, kv = layer(x, cos, sin, mask, past)
             if use_cache:
                 cache.append(kv)
         stats = self.routing.take(self.cfg.moe_layers)

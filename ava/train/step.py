@@ -1,6 +1,11 @@
 """One optimizer step: the micro-batches' forward/backward, one all-reduce of the losses and
 the stop vote, the hooks around `engine.step()`.
 
+With loss masks (chat data) micro-batches hold different numbers of target tokens, and DeepSpeed
+averages per-micro-batch means over micro-batches and ranks: each micro-batch's LM loss is
+weighted first (`target_weights`), so the step's loss is the mean over every target token of
+the global batch, whatever the accumulation and world size.
+
 Gradient health decides in `pre_optim_step` (before parameters change) whether the step is
 applied; DeepSpeed's `was_step_applied()` says what happened; `post_step` callbacks add their
 metrics and set the loop's action.
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, List, Tuple
 import torch
 
 from ava import dist
+from ava.config import IGNORE_INDEX
 from ava.observe.callbacks import StepOutput
 
 if TYPE_CHECKING:
@@ -30,6 +36,13 @@ def reduce_losses(sums: torch.Tensor, accum: int, stop_requested: bool) -> Tuple
     return (packed[:-1] / dist.world_size()).tolist(), bool(packed[-1].item() > 0)
 
 
+def target_weights(counts: torch.Tensor, global_count: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Factors on the micro-batches' mean LM losses that turn the mean over `len(counts)`
+    micro-batches and `world_size` ranks into the mean over all `global_count` target tokens:
+    n_i · accum · world / N (exactly 1 when every micro-batch holds N / (accum · world))."""
+    return counts * (counts.numel() * world_size) / global_count.clamp_min(1)
+
+
 def train_step(run: Run, stop_requested: bool) -> StepOutput:
     t0 = time.perf_counter()
     engine, state, callbacks, timer = run.engine, run.state, run.callbacks, run.timer
@@ -40,22 +53,25 @@ def train_step(run: Run, stop_requested: bool) -> StepOutput:
     callbacks.pre_step(state)
     lr = run.schedule.current_lr
     sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=engine.device)
-    for micro_step in range(run.plan.accum):
-        timer.begin("data")
-        batch = next(run.loader)
-        input_ids = batch["input_ids"].to(engine.device)
-        labels = batch["labels"].to(engine.device)
-        timer.end()
+    timer.begin("data")
+    batches = [{k: v.to(engine.device) for k, v in next(run.loader).items()} for _ in range(run.plan.accum)]
+    weights = None
+    if run.data.kind == "chat":  # plain text: every micro-batch holds micro x seq_len targets
+        counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).double()
+        weights = target_weights(counts, dist.all_reduce_sum(counts.sum()), dist.world_size())
+    timer.end()
+    for micro_step, batch in enumerate(batches):
         timer.begin("forward")
-        out = engine(input_ids, labels=labels)
-        loss = run.faults.scale_loss(out.loss)
+        out = engine(**batch)
+        lm_loss = out.lm_loss if weights is None else out.lm_loss * weights[micro_step].to(out.lm_loss.dtype)
+        loss = run.faults.scale_loss(out.loss + (lm_loss - out.lm_loss))
         timer.end()
         timer.begin("backward")
         engine.backward(loss)
         timer.end()
         dropped = (torch.stack([s.dropped_fraction.float() for s in out.router_stats]).mean()
                    if out.router_stats else out.loss.new_zeros(()))  # a dense model routes nothing
-        sums += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),
+        sums += torch.stack([loss.detach(), lm_loss.detach(), out.aux_loss.detach(),
                              out.z_loss.detach(), dropped]).double()
         callbacks.post_micro_batch(state, out.router_stats)
         if micro_step == run.plan.accum - 1:

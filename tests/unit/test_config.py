@@ -9,6 +9,7 @@ GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
 # options that are refused alone, naming what is missing, and valid with it
 NEEDS_INPUT = {
     ("data", "files"): (["data.sources=[{path: corpus.txt}]"], "names no source"),  # your files only
+    ("data", "chat_files"): (["data.sources=[{path: chats.jsonl}]"], "names no source"),
     ("model", "nano"): (["data.seq_len=64"], "data.seq_len=256 exceeds model.max_seq_len=128"),
 }
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ava.config import model_preset
-from ava.model.lm_loss import IGNORE_INDEX, linear_cross_entropy
+from ava.config import IGNORE_INDEX, model_preset
+from ava.model.lm_loss import linear_cross_entropy
 from ava.model.transformer import AvaForCausalLM
 
 
