@@ -25,6 +25,7 @@ from ava.files import sha256_file
 log = logging.getLogger("ava.checkpoints")
 
 MARKER = "COMPLETE.json"
+RUN_CHAT_TEMPLATE = "chat_template.jinja"  # in the run directory when it trained on conversations
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 MANIFEST_FORMAT = 2  # 1: a bare list of file names (no sizes, no hashes)

@@ -26,6 +26,7 @@ CACHE_FORMAT_VERSION = 3  # 2: report.json records the first skipped record; 3: 
 META = "meta.json"
 REPORT = "report.json"
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # chat only: the template the conversations were rendered with
 TRAIN = "train.bin"
 VAL = "val.bin"
 DOCS = ".docs"  # suffixes of a split's companion files: train.docs, val.targets, ...

@@ -60,6 +60,7 @@ class PreparedData:
     cache_path: Path
     seq_len: int
     kind: str = "text"
+    chat_template_path: Optional[Path] = None  # chat: the template used, which the export carries
 
 
 class _Output:
@@ -260,6 +261,8 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
         del documents, splits, tokenized
         shutil.rmtree(work)
         tokenizer.save(str(scratch / cache.TOKENIZER))
+        if chat:
+            (scratch / cache.CHAT_TEMPLATE).write_text(template.text, "utf-8")
         report.save(scratch / cache.REPORT)
         cache.CacheMeta(key=key, name=data_cfg.name, dtype=dtype.name, vocab_size=vocab_size,
                         eos_id=eos_id, pad_id=pad_id, train_tokens=counts["train"],
@@ -334,7 +337,8 @@ def _open(final: Path, data_cfg: DataConfig, model_vocab_size: int) -> PreparedD
         tokenizer_path=final / cache.TOKENIZER, vocab_size=meta.vocab_size,
         fingerprint=cache.stable_hash({"cache": meta.key, "seq_len": seq_len})[:32],
         report=ValidationReport.load(final / cache.REPORT), eos_id=meta.eos_id,
-        pad_id=meta.pad_id, cache_path=final, seq_len=seq_len, kind=meta.kind)
+        pad_id=meta.pad_id, cache_path=final, seq_len=seq_len, kind=meta.kind,
+        chat_template_path=final / cache.CHAT_TEMPLATE if meta.kind == "chat" else None)
 
 
 def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 1234,

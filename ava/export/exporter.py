@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from ava.checkpoints import MARKER, newest_intact, verify
+from ava.checkpoints import MARKER, RUN_CHAT_TEMPLATE, newest_intact, verify
 from ava.config import ModelConfig
 from ava.export.card import model_card
 from ava.export.consolidate import consolidate
@@ -141,11 +141,13 @@ def export_checkpoint(
             layout = family_name
     resolve_layout(cfg, layout)  # fail on an impossible layout before the slow consolidation
     tokenizer = _tokenizer_file(src)
+    template = src.run_dir / RUN_CHAT_TEMPLATE
     progress(f"consolidating {src.ckpt_dir / src.tag} with DeepSpeed's zero_to_fp32")
     state = consolidate(src.ckpt_dir, src.tag)
     val = src.client_state.get("val_losses") or {}
     info = TrainingInfo(step=int(src.client_state.get("step", 0)), tokens=int(src.client_state.get("tokens_seen", 0)),
-                        val_loss=val.get("last"), config=full_config, source_tag=src.tag)
+                        val_loss=val.get("last"), config=full_config, source_tag=src.tag,
+                        chat_template=template.read_text("utf-8") if template.is_file() else None)
     return export_state_dict(state, cfg, out_dir, tokenizer=tokenizer, layout=layout, dtype=dtype,
                              max_shard_size=max_shard_size, info=info, progress=progress, replace=replace)
 
@@ -159,6 +161,7 @@ class TrainingInfo:
     val_loss: Optional[float] = None
     config: Optional[dict[str, Any]] = None
     source_tag: str = "in-memory"
+    chat_template: Optional[str] = None  # the template the run rendered its conversations with
 
 
 def export_state_dict(
@@ -213,6 +216,8 @@ def export_state_dict(
                                   "pad_token": pad_token, "model_max_length": cfg.max_seq_len,
                                   "clean_up_tokenization_spaces": False},
     }
+    if info.chat_template is not None:  # trained on conversations: apply_chat_template renders what it learned
+        json_files["tokenizer_config.json"]["chat_template"] = info.chat_template
     text_files = {"README.md": card, "training_config.yaml": OmegaConf.to_yaml(OmegaConf.create(full_config))}
     metadata = {"format": "ava-export", "layout": chosen, "source_tag": info.source_tag, "step": str(info.step)}
     out = write_export_dir(Path(out_dir), tensors, json_files, text_files, {"tokenizer.json": Path(tokenizer)},

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ava import dist
+from ava.checkpoints import RUN_CHAT_TEMPLATE
 from ava.config import AvaConfig, ConfigError
 from ava.data import BlockLoader, PreparedData, prepare_data
 from ava.files import atomic_write
@@ -127,6 +128,8 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
     if rank == 0:  # the run directory is self-contained: ava-export reads it from here
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "tokenizer.json", lambda tmp: shutil.copyfile(data.tokenizer_path, tmp))
+        if data.chat_template_path is not None:  # the export hands it on with the tokenizer
+            atomic_write(run_dir / RUN_CHAT_TEMPLATE, lambda tmp: shutil.copyfile(data.chat_template_path, tmp))
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = AvaForCausalLM(cfg.model)
     if cfg.init_from:  # before the engine: DeepSpeed partitions what it is given

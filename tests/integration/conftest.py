@@ -55,6 +55,30 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+BAD_CHATS = 2  # records of the chat corpus that validation must skip and count
+
+
+@pytest.fixture(scope="session")
+def chat_corpus(corpus: Path) -> Path:
+    """Conversations in the same language (JSONL, `messages`): the user says a paragraph's first
+    sentence, the assistant the rest; every third with a system prompt, every fourth two turns;
+    and BAD_CHATS bad records (no assistant turn, an unknown role)."""
+    records = []
+    for i, paragraph in enumerate(corpus.read_text().split("\n\n")):
+        first, _, rest = paragraph.strip().partition(". ")
+        messages = [{"role": "user", "content": first + "."}, {"role": "assistant", "content": rest or first}]
+        if i % 4 == 0:
+            messages += [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": first + "."}]
+        if i % 3 == 0:
+            messages.insert(0, {"role": "system", "content": "Continue the story."})
+        records.append({"messages": messages})
+    records[10] = {"messages": [{"role": "user", "content": "Nobody answers."}]}
+    records[20] = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    path = corpus.parent / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ava_cache")
@@ -164,13 +188,17 @@ class Trainer:
 
 
 @pytest.fixture(scope="session")
-def extra_conf(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A config directory on Hydra's search path holding `data/itest.yaml` (the corpus)."""
+def extra_conf(corpus: Path, chat_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config directory on Hydra's search path holding `data/itest.yaml` (the corpus) and
+    `data/ichat.yaml` (the conversations)."""
     root = tmp_path_factory.mktemp("conf")
     (root / "data").mkdir()
     (root / "data" / "itest.yaml").write_text(
         "defaults:\n  - base_data\n  - _self_\n\nname: itest\n"
         f"sources:\n  - path: '{corpus}'\n")
+    (root / "data" / "ichat.yaml").write_text(
+        "defaults:\n  - base_data\n  - _self_\n\nname: ichat\nkind: chat\n"
+        f"sources:\n  - path: '{chat_corpus}'\n")
     (root / "data" / "missing.yaml").write_text(  # a typo in a path (test_entry_point.py)
         "defaults:\n  - base_data\n  - _self_\n\nname: missing\n"
         f"sources:\n  - path: '{corpus.parent / 'no_such_dir' / 'corpus.txt'}'\n")
