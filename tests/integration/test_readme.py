@@ -108,6 +108,13 @@ COMMANDS: Dict[str, How] = {
     "ava-train data=jsonl_example 'data.sources=[{path: /data/corpus/*.jsonl, text_field: text}]'":
         How(replace=("/data/corpus", "corpus"), extra=["experiment=smoke", *SHORT],
             why="a JSONL corpus made by this test", expect="data: jsonl_example"),
+    # --- Fine-tune on conversations
+    "ava-train experiment=chat logger=none": How(extra=SHORT, expect="chat template from built-in ChatML"),
+    "ava-train experiment=chat init_from=/models/Qwen3-30B-A3B data=chat_files "
+    "'data.sources=[{path: /data/chats/*.jsonl}]'": How(
+        covered_by="tests/integration/test_init_from.py", why="a transformers-saved Qwen3-MoE on chats, 2 ranks"),
+    "ava-export 'outputs/<run>' out/qwen3-chat": How(covered_by="tests/integration/test_init_from.py",
+                                                     why="the export keeps the chat template"),
     # --- Export (runs/my-run is set up by the fixture)
     "ava-export runs/my-run exports/my-model": How(expect="exports/my-model"),
     "ava-export runs/my-run/checkpoints/step_00000500 out/step500": How(expect="out/step500"),
