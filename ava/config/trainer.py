@@ -137,6 +137,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | a checkpoint tag or directory
     verify_checkpoints: bool = True  # resume/rollback check every file's sha256 (false: sizes)
     allow_data_change: bool = False  # resume even if the data fingerprint differs from the saved one
+    # resume a checkpoint saved by another number of ranks (DeepSpeed universal checkpoint; ava/train/elastic.py)
+    elastic: bool = False
     dist_timeout_s: int = 1800  # process-group timeout: a lost rank ends the run within this
     deterministic: bool = False  # torch.use_deterministic_algorithms
     # glibc malloc_trim after every this many steps (0: never): the freed, routing-shaped

@@ -1,13 +1,16 @@
 """`BlockLoader`: an infinite, resumable, rank-sharded iterator of micro-batches of blocks.
 
 Epoch `e` shuffles all block indices with a generator seeded by `(seed, e)`, so every rank
-computes the same permutation without communication. The permutation is cut to a multiple of
-`world_size`, and rank `r` takes every `world_size`-th index starting at `r`: shards are
-disjoint and of equal size. Each shard is then cut to whole micro-batches. So, per epoch, up
-to `world_size - 1` blocks (not in any shard) and up to `micro_batch_size - 1` blocks per rank
-(the incomplete last batch) are not used; since the permutation changes every epoch, different
-blocks are left out each time. Every rank yields exactly `batches_per_epoch` batches per epoch,
-which keeps data-parallel ranks in lock step.
+computes the same permutation without communication. The permutation is cut to whole global
+batches (`micro_batch_size x accum x world_size` blocks), and rank `r` takes every
+`world_size`-th index starting at `r`, in micro-batches of consecutive shard entries. So the
+micro-batches of all ranks at a step together hold the next global batch of the permutation:
+after `s` steps the blocks consumed are the first `s` global batches of the epoch's order,
+whatever the world size, micro-batch and accumulation that make up that global batch. This is
+what lets a run resume on another world size with the same global batch and see the same
+samples (`load_state_dict(strict=False)`). Per epoch up to one global batch minus one block is
+not used; the permutation changes every epoch, so different blocks each time. Every rank yields
+exactly `batches_per_epoch` micro-batches per epoch, which keeps ranks in lock step.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class BlockLoader:
 
     def __init__(self, blocks: Blocks, *, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 document_mask: bool = False) -> None:
+                 document_mask: bool = False, accum: int = 1) -> None:
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -51,9 +54,11 @@ class BlockLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.document_mask = document_mask
+        self.accum = accum
         self.num_blocks = len(blocks)
-        self.blocks_per_rank = self.num_blocks // world_size
-        self.batches_per_epoch = self.blocks_per_rank // micro_batch_size
+        steps_per_epoch = self.num_blocks // (micro_batch_size * accum * world_size)
+        self.batches_per_epoch = steps_per_epoch * accum  # micro-batches per rank
+        self.blocks_per_rank = self.batches_per_epoch * micro_batch_size
         self.epoch = 0
         self.position = 0  # batches already yielded in `epoch`
         self._order: Optional[np.ndarray] = None
@@ -67,8 +72,7 @@ class BlockLoader:
             else:
                 order = np.arange(self.num_blocks)
             used = order[: self.blocks_per_rank * self.world_size]
-            shard = used[self.rank:: self.world_size]
-            self._order = shard[: self.batches_per_epoch * self.micro_batch_size]
+            self._order = used[self.rank:: self.world_size]
             self._order_epoch = epoch
         assert self._order is not None
         return self._order
@@ -79,9 +83,9 @@ class BlockLoader:
     def __next__(self) -> Dict[str, torch.Tensor]:
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.num_blocks} blocks cannot fill one micro-batch per rank "
-                f"(micro_batch_size={self.micro_batch_size} x world_size={self.world_size}); "
-                "use more data, a smaller data.seq_len or a smaller micro batch")
+                f"{self.num_blocks} blocks cannot fill one global batch (micro_batch_size="
+                f"{self.micro_batch_size} x accumulation {self.accum} x world_size={self.world_size}); "
+                "use more data, a smaller data.seq_len or a smaller batch")
         if self.position >= self.batches_per_epoch:
             self.epoch += 1
             self.position = 0

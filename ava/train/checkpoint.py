@@ -70,6 +70,12 @@ def sync_filesystem(path: Path) -> None:
 
 # --- per-rank state (RNG + loader), saved so that `torch.load(weights_only=True)` reads it ---
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**63)
+
+
 def capture_rng() -> Dict[str, Any]:
     py = random.getstate()
     np_state = np.random.get_state()
@@ -226,14 +232,16 @@ class CheckpointManager:
             raise ConfigError(f"trainer.resume={spec!r}: no complete checkpoint in {path}")
         return found
 
-    def load(self, engine: Any, tag_dir: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
-        """Load model, optimizer and LR schedule; return (client state, this rank's state)."""
+    def load(self, engine: Any, tag_dir: Path, rank_state_from: Optional[Path] = None,
+             rank: Optional[int] = None) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+        """Load model, optimizer and LR schedule; return (client state, this rank's state, or
+        `rank`'s in `rank_state_from` when the tag loaded is a converted copy)."""
         load_path, client_state = engine.load_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
             load_lr_scheduler_states=True)
         if load_path is None:
             raise ConfigError(f"trainer.resume: DeepSpeed could not load {tag_dir}")
-        rank_file = tag_dir / rank_state_name(self.rank)
+        rank_file = (rank_state_from or tag_dir) / rank_state_name(self.rank if rank is None else rank)
         rank_state = None
         if rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from ava.observe.callbacks import Callback, TrainState
 from ava.train.checkpoint import capture_rng
+from ava.train.elastic import universal_info
 from ava.train.schedule import ScheduleSettings
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def client_state(run: Run) -> Dict[str, Any]:
             "schedule": ScheduleSettings.of(run.cfg.trainer).as_dict(),
             "data_fingerprint": run.data.fingerprint, "config": run.resolved_config,
             "val_losses": {"first": run.state.first_val_loss, "last": run.state.last_val_loss},
-            HEALTH_KEY: callbacks.pop(HEALTH_KEY, {}), "callbacks": callbacks}
+            HEALTH_KEY: callbacks.pop(HEALTH_KEY, {}), "callbacks": callbacks, **universal_info()}
 
 
 def callback_states(client: Dict[str, Any]) -> Dict[str, Any]:
@@ -47,7 +48,10 @@ def save_checkpoint(run: Run) -> None:
         {"rng": capture_rng(), "loader": run.loader.state_dict(), "step": state.step},
         files_written=run.faults.during_save,
         meta={"data_fingerprint": run.data.fingerprint,
-              "expert_parallel_size": run.cfg.trainer.expert_parallel_size})
+              "expert_parallel_size": run.cfg.trainer.expert_parallel_size,
+              # the layout an elastic resume needs to keep the global batch
+              "micro_batch_size": run.plan.micro, "grad_accum_steps": run.plan.accum,
+              "zero_stage": run.plan.zero_stage})
     state.last_saved = state.step
     run.callbacks.post_checkpoint_saved(state, tag_dir)
 

@@ -5,7 +5,10 @@
 included), and per rank the loader position and the RNG states. A rollback
 (`resume=False`) takes the parameters, optimizer and position only: the health statistics,
 the loader (the data consumed since is skipped, not replayed) and the RNG streams go on.
-Before DeepSpeed loads anything, a checkpoint the run cannot continue exactly is refused.
+Before DeepSpeed loads anything, a checkpoint the run cannot continue exactly is refused, unless
+`trainer.elastic=true` planned a reshard onto this world size (ava/train/elastic.py): then the
+tag is loaded through DeepSpeed's universal checkpoint, the loader is mapped by samples consumed
+and the RNG streams are re-seeded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ava.checkpoints import read_manifest
 from ava.config import ConfigError
 from ava.train.checkpoint import rank_state_name, restore_rng
 from ava.train.checkpointing import callback_states
+from ava.train.elastic import reseed, to_universal, universal_loading
 
 if TYPE_CHECKING:
     from ava.train.run import Run
@@ -32,13 +36,13 @@ def check_resumable(run: Run, tag_dir: Path) -> bool:
     manifest = read_manifest(tag_dir)
     world = run.plan.world_size
     saved_world = manifest.get("world_size")
-    if saved_world is not None and int(saved_world) != world:
+    if saved_world is not None and int(saved_world) != world and run.reshard is None:
         raise ConfigError(
             f"checkpoint {tag_dir} was saved by {saved_world} rank(s) and this run has "
             f"{world}: resuming needs the same world size (ZeRO shards, loader "
             f"positions and RNG streams are per rank). Relaunch with "
-            f"{saved_world} rank(s), or export the checkpoint with ava-export (any world "
-            "size) and start a new run directory")
+            f"{saved_world} rank(s), set trainer.elastic=true to reshard it (DeepSpeed universal "
+            "checkpoint), or export the checkpoint with ava-export and start a new run directory")
     saved_ep, ep = int(manifest.get("expert_parallel_size", 1)), run.cfg.trainer.expert_parallel_size
     if saved_ep != ep:
         raise ConfigError(
@@ -65,7 +69,13 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
     """Load `tag_dir` into `run` (see the module docstring); returns its step."""
     state = run.state
     data_changed = check_resumable(run, tag_dir) if resume else False
-    client, rank_state = run.checkpoints.load(run.engine, tag_dir)
+    reshard = run.reshard if resume and run.reshard is not None and run.reshard.tag_dir == tag_dir else None
+    if reshard is None:
+        client, rank_state = run.checkpoints.load(run.engine, tag_dir)
+    else:  # every rank continues the global order from rank 0's position (ranks run in lock step)
+        with universal_loading(run.engine):
+            client, rank_state = run.checkpoints.load(run.engine, to_universal(tag_dir), rank_state_from=tag_dir,
+                                                      rank=0)
     state.step = int(client["step"])
     state.tokens_seen = int(client.get("tokens_seen", state.tokens_seen))
     state.last_saved = state.step
@@ -79,10 +89,13 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
             log.warning("the loader starts the new data from its beginning")
         else:
             try:
-                run.loader.load_state_dict(rank_state["loader"])
+                run.loader.load_state_dict(rank_state["loader"], strict=reshard is None)
             except ValueError as exc:
                 raise ConfigError(f"checkpoint {tag_dir}: {exc}") from exc
-        restore_rng(rank_state["rng"])
+        if reshard is None:
+            restore_rng(rank_state["rng"])
+        else:
+            reseed(run.cfg.seed, state.step, state.rank)
         run.callbacks.load_state_dict(callback_states(client))
     # DeepSpeed restored the schedule's position; the multiplier is the health monitor's
     run.schedule.set_multiplier(run.health.monitor.lr_multiplier)
@@ -92,7 +105,7 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
 def resume(run: Run) -> None:
     """`trainer.resume`: auto (the newest intact checkpoint, if any), never, or a tag/path."""
     spec = run.cfg.trainer.resume
-    tag_dir = run.checkpoints.resolve(spec)
+    tag_dir = run.reshard.tag_dir if run.reshard is not None else run.checkpoints.resolve(spec)
     if tag_dir is None:
         if spec == "auto":
             log.info("no complete checkpoint in %s: starting from step 0", run.checkpoints.dir)

@@ -12,13 +12,11 @@ sinks (console, JSONL, W&B).
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-import numpy as np
 import torch
 
 from ava import dist
@@ -31,8 +29,9 @@ from ava.observe import Callback, CallbackList, TrainState, build_sinks
 from ava.observe.experts import ExpertMonitor
 from ava.observe.memory import MemoryMonitor, peak_rss
 from ava.observe.throughput import StepTimer, ThroughputMonitor, device_peak_tflops
-from ava.train.checkpoint import CheckpointManager
+from ava.train.checkpoint import CheckpointManager, seed_everything
 from ava.train.checkpointing import Checkpointing, save_checkpoint
+from ava.train.elastic import Reshard, adapted, plan_reshard
 from ava.train.engine import build_engine
 from ava.train.evaluate import Evaluator
 from ava.train.expert_bias import expert_bias_callback
@@ -66,12 +65,7 @@ class Run:
     timer: StepTimer
     resolved_config: Dict[str, Any]
     stop: Optional[StopRequest]  # the caller's signal handler (covers setup too), else fit's own
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    reshard: Optional[Reshard] = None  # an elastic resume onto another world size (ava/train/elastic.py)
 
 
 def _instantiate_reason(exc: Exception) -> str:
@@ -119,6 +113,15 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
               stop: Optional[StopRequest] = None) -> Run:
     t, rank = cfg.trainer, dist.rank()
     run_dir = Path(run_dir)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_last, verify_hashes=t.verify_checkpoints)
+    reshard = plan_reshard(cfg, checkpoints, dist.world_size())
+    if reshard is not None:  # before the engine: DeepSpeed's batch settings follow the new layout
+        log.info("%s", reshard.describe())
+        cfg = adapted(cfg, reshard)
+        t = cfg.trainer
+        plan = make_plan(t, cfg.deepspeed, cfg.model, dist.world_size())  # a given plan had the old accumulation
+        if resolved_config and isinstance(resolved_config.get("trainer"), dict):
+            resolved_config["trainer"].update(grad_accum_steps=reshard.accum, global_batch_size=None)
     plan = plan or make_plan(t, cfg.deepspeed, cfg.model, dist.world_size())
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -168,14 +171,13 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
               schedule=engine.lr_scheduler,
               loader=BlockLoader(data.train, micro_batch_size=plan.micro, rank=rank,
                                  world_size=plan.world_size, seed=cfg.seed,
-                                 document_mask=cfg.data.document_mask),
+                                 document_mask=cfg.data.document_mask, accum=plan.accum),
               evaluate=Evaluator(data.val, micro_batch_size=plan.micro, batches=t.eval_batches, seed=cfg.seed,
                                  document_mask=cfg.data.document_mask),
-              checkpoints=CheckpointManager(run_dir / "checkpoints", t.keep_last,
-                                            verify_hashes=t.verify_checkpoints),
+              checkpoints=checkpoints,
               faults=faults, health=health, callbacks=CallbackList(), state=state,
               timer=_timer(engine.device, m.sync_timing), resolved_config=resolved_config or {},
-              stop=stop)
+              stop=stop, reshard=reshard)
     checkpointing = Checkpointing(lambda: save_checkpoint(run), save_every=t.save_every,
                                   save_at_end=t.save_at_end)
     run.callbacks = CallbackList([*own, *user_callbacks, checkpointing])

@@ -102,5 +102,41 @@ def test_state_from_another_geometry_is_refused_unless_not_strict():
 def test_too_few_blocks_is_a_clear_error():
     loader = BlockLoader(FakeBlocks(5), micro_batch_size=4, world_size=2)
     assert loader.batches_per_epoch == 0
-    with pytest.raises(ValueError, match="5 blocks cannot fill one micro-batch"):
+    with pytest.raises(ValueError, match="5 blocks cannot fill one global batch"):
         next(loader)
+
+
+LAYOUTS = [(2, 4, 1), (1, 8, 1), (1, 4, 2), (4, 1, 2), (8, 1, 1)]  # (world, micro, accum): global batch 8
+
+
+def step_samples(world: int, micro: int, accum: int, steps: int, start: int = 0, states=None):
+    """The set of blocks each global step consumes, over all ranks; optionally resuming every rank
+    from `states` (saved by another layout) with strict=False."""
+    loaders = [BlockLoader(FakeBlocks(101), micro_batch_size=micro, rank=r, world_size=world, seed=5, accum=accum)
+               for r in range(world)]
+    if states is not None:
+        for loader in loaders:
+            loader.load_state_dict(states[0], strict=False)
+    out = []
+    for _ in range(steps):
+        blocks = set()
+        for loader in loaders:
+            for _ in range(accum):
+                blocks.update((next(loader)["input_ids"][:, 0] // 100).tolist())
+        out.append(frozenset(blocks))
+    return out, [loader.state_dict() for loader in loaders]
+
+
+def test_every_layout_of_one_global_batch_consumes_the_same_samples_per_step():
+    reference, _ = step_samples(*LAYOUTS[0], steps=30)  # 12 steps per epoch: into the third epoch
+    assert all(len(s) == 8 for s in reference)
+    for layout in LAYOUTS[1:]:
+        assert step_samples(*layout, steps=30)[0] == reference, layout
+
+
+def test_resuming_on_another_layout_continues_with_the_same_samples():
+    reference, _ = step_samples(*LAYOUTS[0], steps=20)
+    for saved, resumed in ((LAYOUTS[0], LAYOUTS[1]), (LAYOUTS[2], LAYOUTS[3]), (LAYOUTS[1], LAYOUTS[4])):
+        first, states = step_samples(*saved, steps=7)
+        rest, _ = step_samples(*resumed, steps=13, states=states)
+        assert first + rest == reference, (saved, resumed)
