@@ -33,7 +33,9 @@ def client_state(run: Run) -> Dict[str, Any]:
             "schedule": ScheduleSettings.of(run.cfg.trainer).as_dict(),
             "data_fingerprint": run.data.fingerprint, "config": run.resolved_config,
             "val_losses": {"first": run.state.first_val_loss, "last": run.state.last_val_loss},
-            HEALTH_KEY: callbacks.pop(HEALTH_KEY, {}), "callbacks": callbacks, **universal_info()}
+            HEALTH_KEY: callbacks.pop(HEALTH_KEY, {}), "callbacks": callbacks,
+            # DeepSpeed's expert-parallel engines write this entry themselves (and refuse it here)
+            **(universal_info() if run.plan.expert_parallel is None else {})}
 
 
 def callback_states(client: Dict[str, Any]) -> Dict[str, Any]:
