@@ -115,8 +115,10 @@ class BlockLoader:
         """Continue from `state`. With `strict` (default) the seed, block count, world size and
         micro-batch size must match, which makes the continuation exact. With
         `strict=False` a different world size or micro-batch size is accepted and the
-        position is mapped by the number of samples consumed so far in the epoch
-        (approximate: the shards differ)."""
+        position is mapped by the number of samples consumed so far in the epoch: the same
+        samples follow when the global batch (micro x accum x world) is kept and the state was
+        saved at a step boundary (see the module docstring); otherwise the continuation is
+        approximate."""
         for key in ("seed", "num_blocks", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]}, this loader has "
