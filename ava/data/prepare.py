@@ -1,9 +1,11 @@
 """`prepare_data`: sources → validated documents → tokenizer → token cache → block datasets.
 
-Only rank 0 (of an initialised `torch.distributed` group; else the single process) reads and
-writes; the other ranks wait on a barrier, receive the cache directory (or rank 0's error)
-from rank 0, and memory-map the same files, so `data.cache_dir` must be on a filesystem that
-every rank sees. A second call with the same inputs finds the published cache and only opens
+Global rank 0 (of an initialised `torch.distributed` group; else the single process) reads and
+writes first; the other ranks wait on a barrier and receive the cache's name (or rank 0's error).
+On a filesystem every rank sees, they memory-map rank 0's files. Under a node-local
+`data.cache_dir` (a node's own disk, `AVA_CACHE` per node) the first rank of each other node
+(LOCAL_RANK 0) builds the same cache from the same sources, and every rank's copy is checked
+against rank 0's before training. A second call with the same inputs finds the published cache and only opens
 it. The train/validation split is at document level: a permutation seeded by `seed` puts
 `round(val_fraction * documents)` documents (at least one when `val_fraction > 0` and there
 are two or more documents) in validation, so no document straddles the two splits.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -320,8 +322,8 @@ def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
 
 def _open(final: Path, data_cfg: DataConfig, model_vocab_size: int) -> PreparedData:
     if not cache.is_complete(final):
-        raise DataError(f"data cache {final} is missing on this rank: data.cache_dir must be "
-                        "on a filesystem shared by all ranks")
+        raise DataError(f"data cache {final} is incomplete: it was removed or changed while this run "
+                        "opened it; run again to rebuild it")
     meta = cache.CacheMeta.load(final)
     tok.check_agreement(meta.vocab_size, model_vocab_size)  # every rank fails alike
     dtype = np.dtype(meta.dtype)
@@ -341,13 +343,41 @@ def _open(final: Path, data_cfg: DataConfig, model_vocab_size: int) -> PreparedD
         chat_template_path=final / cache.CHAT_TEMPLATE if meta.kind == "chat" else None)
 
 
+def _digest(final: Path) -> str:
+    """What must agree between node-local caches: the counts and the tokenizer, byte for byte."""
+    meta = asdict(cache.CacheMeta.load(final))
+    meta.pop("build_seconds")
+    return cache.stable_hash({"meta": meta, "tokenizer": sha256_file(final / cache.TOKENIZER)})
+
+
+def _prepare_node_local(data_cfg: DataConfig, model_vocab_size: int, seed: int, name: str) -> Optional[str]:
+    """On a node's first rank (other than global rank 0): the cache rank 0 prepared is found here
+    when `data.cache_dir` is shared, and built again from the same sources when it is node-local
+    (a node's own disk); returns the failure, if any."""
+    own = cache.cache_root(data_cfg.cache_dir) / name
+    if cache.is_complete(own):
+        return None
+    log.info("data: rank %d: no cache at %s (data.cache_dir is node-local): preparing it on this node",
+             dist.rank(), own)
+    try:
+        built = _prepare_rank0(data_cfg, model_vocab_size, seed, _Output(False))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if built != own:
+        return f"it prepared {built}, rank 0 {name}: the sources differ between nodes"
+    return None
+
+
 def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 1234,
                  progress: bool = True) -> PreparedData:
     """Prepare (or reuse) the token cache of `data_cfg` and open it as block datasets.
 
     Raises `DataError` subclasses with messages naming the file, line or config key: a bad
     source, a bad record under `data.strict=true`, or a tokenizer larger than
-    `model_vocab_size`. Under `torch.distributed`, every rank must call it.
+    `model_vocab_size`. Under `torch.distributed`, every rank must call it. Global rank 0
+    prepares first; the first rank of every other node then uses that cache on a shared
+    filesystem or builds its own under a node-local `data.cache_dir`, and every rank checks
+    that its cache agrees with rank 0's.
     """
     start = time.perf_counter()
     rank = dist.rank()
@@ -361,12 +391,12 @@ def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 123
             failure = exc
     if dist.world_size() > 1:
         dist.barrier()
-        shared = dist.broadcast_object([str(final) if final else None,
+        shared = dist.broadcast_object([final.name if final else None,
                                         f"{type(failure).__name__}: {failure}" if failure else None])
-        if rank != 0:
-            if shared[1] is not None:
-                raise DataError(f"rank 0 failed to prepare the data: {shared[1]}")
-            final = Path(shared[0])
+        if rank != 0 and shared[1] is not None:
+            raise DataError(f"rank 0 failed to prepare the data: {shared[1]}")
+        if failure is None:
+            final = _join_node_caches(data_cfg, model_vocab_size, seed, shared[0])
     if failure is not None:
         raise failure
     assert final is not None
@@ -382,3 +412,30 @@ def prepare_data(data_cfg: DataConfig, *, model_vocab_size: int, seed: int = 123
                 f"{len(prepared.train)} train + {len(prepared.val)} val blocks of "
                 f"{data_cfg.seq_len}+1, {time.perf_counter() - start:.2f}s, cache {final}")
     return prepared
+
+
+def _join_node_caches(data_cfg: DataConfig, model_vocab_size: int, seed: int, name: str) -> Path:
+    """Every rank's own path to the cache named `name` (rank 0's), prepared node by node and
+    checked against rank 0's; raises `DataError` on every rank alike."""
+    rank = dist.rank()
+    problem = None
+    if rank != 0 and dist.local_rank() == 0:
+        problem = _prepare_node_local(data_cfg, model_vocab_size, seed, name)
+    problems = [(r, p) for r, p in enumerate(dist.all_gather_object(problem)) if p]
+    if problems:
+        r, p = problems[0]
+        raise DataError(f"rank {r} could not prepare its node's data cache: {p}")
+    final = cache.cache_root(data_cfg.cache_dir) / name
+    digest = _digest(final) if cache.is_complete(final) else None
+    digests = dist.all_gather_object(digest)
+    missing = [r for r, d in enumerate(digests) if d is None]
+    if missing:
+        raise DataError(f"data cache {name} is missing on rank(s) {missing} under data.cache_dir: each node's "
+                        "first rank (LOCAL_RANK 0) prepares it, so every rank of a node must see that node's "
+                        "data.cache_dir")
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise DataError(f"data cache {name} on rank(s) {differ} differs from rank 0's (token counts or "
+                        "tokenizer.json): node-local caches must be built from identical sources; put "
+                        "data.cache_dir on a filesystem all nodes share")
+    return final

@@ -1,12 +1,17 @@
 """prepare_data: cache reuse and invalidation, atomic publication, fingerprints, and the
-torch.distributed code path (one gloo rank, in process)."""
+torch.distributed code path (one gloo rank in process; two ranks as two nodes with node-local
+caches, in subprocesses)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -15,6 +20,7 @@ from ava.config import SourceConfig
 from ava.data import BlockLoader, DataError, DataValidationError, builtin, prepare_data
 from ava.data import prepare as prepare_module
 from ava.data.builtin import BuiltinCorpus
+from ava.train.distributed import free_port
 
 
 @pytest.fixture
@@ -131,3 +137,50 @@ def test_preparation_names_its_sources_and_warns_when_the_builtin_corpus_joins(
     assert prepared.report.read == 30 + len(corpus.read_text().split("\n\n"))
     # the validation report reaches the log (and so a run's train.log), not only a console
     assert f"data validation: records read {prepared.report.read}, kept {prepared.report.kept}" in caplog.text
+
+
+NODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from ava.config import DataConfig, SourceConfig, TokenizerConfig
+    from ava.data import DataError, prepare_data
+
+    rank, port, cache_dir, source = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = DataConfig(name="nodes", sources=[SourceConfig(path=source)], seq_len=16, val_fraction=0.1,
+                     cache_dir=cache_dir, tokenizer=TokenizerConfig(vocab_size=384), batch_size=16)
+    try:
+        prepared = prepare_data(cfg, model_vocab_size=512, progress=False)
+        print(json.dumps({"cache": str(prepared.cache_path), "tokens": prepared.train.tokens.tolist()}))
+    except DataError as exc:
+        print(json.dumps({"error": str(exc)}))
+    dist.destroy_process_group()
+""")
+
+
+def two_nodes(tmp_path: Path, sources: List[Path]) -> List[dict]:
+    """Two gloo ranks as two nodes (LOCAL_RANK 0 on both, as each node's first process), each with
+    its own data.cache_dir (a node-local disk) and source path; their prepare_data results."""
+    port = str(free_port())
+    env = {**os.environ, "LOCAL_RANK": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, str(rank), port, str(tmp_path / f"node{rank}"),
+                               str(sources[rank])], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_node_local_caches_are_built_per_node_and_agree(corpus, tmp_path):
+    same = two_nodes(tmp_path, [corpus, corpus])
+    assert [Path(r["cache"]).parents[1] for r in same] == [tmp_path / "node0", tmp_path / "node1"]
+    assert Path(same[0]["cache"]).name == Path(same[1]["cache"]).name
+    assert same[0]["tokens"] == same[1]["tokens"]  # the second node's own build is the same cache
+
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text() + "\n\nA document only the second node has.")
+    differ = two_nodes(tmp_path / "differ", [corpus, other])
+    assert differ[0] == differ[1]  # both ranks stop, with the same message
+    assert differ[0]["error"].startswith("rank 1 could not prepare its node's data cache: it prepared ")
+    assert differ[0]["error"].endswith(": the sources differ between nodes")
