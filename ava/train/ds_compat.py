@@ -3,7 +3,9 @@
 Ava skips unhealthy steps through private ZeRO optimizer methods (`ava.train.step_guard`), builds
 its expert-parallel layer on AutoEP's all-to-all and DeepSpeed's expert-group helpers
 (`ava.train.sharded_moe`), and releases the shared-memory segments of DeepSpeed's CPU
-all-reduce by name (`ava.train.distributed`). None of these is public API, so they are pinned to
+all-reduce by name (`ava.train.distributed`), and switches DeepSpeed's universal-checkpoint loading
+on for one load through the engine's config, mending what its ZeRO-3 loader gets wrong
+(`universal_loading`, for `ava.train.elastic`). None of these is public API, so they are pinned to
 the versions the suite ran with (`pyproject.toml` states the same range) and looked up here,
 before any process group exists: outside the range, or with a piece missing, the run stops with
 the version, the range and the missing names instead of an AttributeError mid-step.
@@ -12,8 +14,9 @@ the version, the range and the missing names instead of an AttributeError mid-st
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List
+from typing import Any, Iterator, List
 
 from packaging.version import Version
 
@@ -26,7 +29,8 @@ REQUIRED = {
     "deepspeed.runtime.zero.stage_1_and_2": ["DeepSpeedZeroOptimizer._update_scale",
                                              "DeepSpeedZeroOptimizer.scaled_global_norm"],
     "deepspeed.runtime.zero.stage3": ["DeepSpeedZeroOptimizer_Stage3._update_scale",
-                                      "DeepSpeedZeroOptimizer_Stage3._get_norm_groups"],
+                                      "DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
+                                      "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3"],
     "deepspeed.runtime.utils": ["combine_grad_norm_groups"],
     "deepspeed.module_inject.auto_ep_layer": ["_AllToAllV", "compute_split_plan_from_expert_indices",
                                               "AutoEPMoELayer"],
@@ -78,3 +82,52 @@ def check_deepspeed(version: str | None = None) -> None:
     if missing:
         raise ConfigError(f"DeepSpeed {found} lacks internals Ava uses: {', '.join(missing)}; "
                           f"install a release Ava is tested with: pip install '{wanted}'")
+
+
+@contextmanager
+def universal_loading(engine: Any, universal_tag: Path) -> Iterator[None]:
+    """Loads inside this block read `universal_tag`, a DeepSpeed universal checkpoint.
+
+    DeepSpeed reads `checkpoint.load_universal` from its config at load time; it is on for this
+    one load only, so a later rollback in the same run loads Ava's own tags as saved. Its ZeRO-3
+    loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`, 0.19.8) gets two things wrong
+    that stages 1 and 2 get right, and this mends both: it gives every param group the
+    hyperparameters of the saved group 0 (Ava's no-decay group would decay), and it gives every
+    sub-group's Adam state one shared `step` tensor, which torch's Adam increments in place once
+    per sub-group and optimizer step (the second group's bias correction would run a step ahead,
+    then two, ...).
+    """
+    config = engine._config  # DeepSpeedConfig: the documented switch, set for this load alone
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    groups = engine.optimizer.optimizer.param_groups  # the torch optimizer's, inside ZeRO's
+    names = [group.get("name") for group in groups]  # read now: the ZeRO-3 load overwrites them too
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+    if engine.zero_optimization_stage() == 3:
+        _restore_group_hyperparameters(groups, names, universal_tag)
+        _unshare_steps(engine.optimizer.optimizer.state)
+
+
+def _restore_group_hyperparameters(groups: List[dict], names: List[Any], universal_tag: Path) -> None:
+    import torch
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    path = universal_tag / "zero" / "optimizer_state.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    saved_names = [group.get("name") for group in saved]
+    if names != saved_names:
+        raise ConfigError(f"{path}: the checkpoint's optimizer param groups {saved_names} are not this run's "
+                          f"{names}; resume with the optimizer settings it was saved with")
+    for group, saved_group in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+
+
+def _unshare_steps(state: Any) -> None:
+    import torch
+
+    for param_state in state.values():
+        if torch.is_tensor(param_state.get("step")):
+            param_state["step"] = param_state["step"].clone()

@@ -4,10 +4,11 @@ ZeRO partitions parameters and optimizer state by rank, so a checkpoint of W ran
 loaded by W' ranks as it is. DeepSpeed's own universal checkpoints reshard it: `ds_to_universal`
 (run once, on rank 0, into `checkpoints/.universal/<tag>`) writes every parameter's fp32 master
 weight and Adam moments whole, and an engine configured with `checkpoint.load_universal` slices
-them for its own partitioning. Ava's part is what DeepSpeed does not know: the global batch is
-kept (gradient accumulation adapts to the new world size, or the run is refused with the
-numbers), the loader continues at the same sample of the same global order (ava.data.loader),
-and the per-rank RNG streams, which cannot map one to one, are re-seeded from (seed, step, rank).
+them for its own partitioning (`ava.train.ds_compat.universal_loading`). Ava's part is what
+DeepSpeed does not know: the global batch is kept (gradient accumulation adapts to the new world
+size, or the run is refused with the numbers), the loader continues at the same sample of the
+same global order (ava.data.loader), and the per-rank RNG streams, which cannot map one to one,
+are re-seeded from (seed, step, rank).
 Expert parallelism (whose experts live on different ranks outside ZeRO's partitions) is not
 resharded: a change of world size with `trainer.expert_parallel_size > 1` is refused.
 """
@@ -18,10 +19,9 @@ import argparse
 import dataclasses
 import logging
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from ava import dist
 from ava.checkpoints import read_manifest
@@ -128,19 +128,6 @@ def to_universal(tag_dir: Path) -> Path:
     if failure is not None:
         raise ConfigError(f"elastic resume: DeepSpeed's ds_to_universal could not convert {tag_dir}: {failure}")
     return out
-
-
-@contextmanager
-def universal_loading(engine: Any) -> Iterator[None]:
-    """DeepSpeed reads `checkpoint.load_universal` from its config at load time; it is on for this
-    one load only, so a later rollback in the same run loads Ava's own tags as saved."""
-    config = engine._config  # DeepSpeedConfig: the documented switch, set for this load alone
-    before = config.load_universal_checkpoint
-    config.load_universal_checkpoint = True
-    try:
-        yield
-    finally:
-        config.load_universal_checkpoint = before
 
 
 RESEED_STRIDE = 1_000_003  # a prime: (seed, step, rank) triples never collide for rank < stride

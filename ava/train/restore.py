@@ -21,7 +21,8 @@ from ava.checkpoints import read_manifest
 from ava.config import ConfigError
 from ava.train.checkpoint import rank_state_name, restore_rng
 from ava.train.checkpointing import callback_states
-from ava.train.elastic import reseed, to_universal, universal_loading
+from ava.train.ds_compat import universal_loading
+from ava.train.elastic import reseed, to_universal
 
 if TYPE_CHECKING:
     from ava.train.run import Run
@@ -73,9 +74,9 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
     if reshard is None:
         client, rank_state = run.checkpoints.load(run.engine, tag_dir)
     else:  # every rank continues the global order from rank 0's position (ranks run in lock step)
-        with universal_loading(run.engine):
-            client, rank_state = run.checkpoints.load(run.engine, to_universal(tag_dir), rank_state_from=tag_dir,
-                                                      rank=0)
+        universal = to_universal(tag_dir)
+        with universal_loading(run.engine, universal):
+            client, rank_state = run.checkpoints.load(run.engine, universal, rank_state_from=tag_dir, rank=0)
     state.step = int(client["step"])
     state.tokens_seen = int(client.get("tokens_seen", state.tokens_seen))
     state.last_saved = state.step
