@@ -112,18 +112,18 @@ class Run:
 class Trainer:
     """Builds the command line for one training run and runs it to completion."""
 
-    def __init__(self, corpus: Path, cache: Path, conf_dir: Path) -> None:
-        self.corpus = corpus
+    def __init__(self, corpus: Path, cache: Optional[Path], conf_dir: Path) -> None:
+        self.corpus = corpus  # cache None: data.cache_dir keeps its default (AVA_CACHE, per node)
         self.cache = cache
         self.conf_dir = conf_dir
 
     def base_overrides(self) -> List[str]:
         # the corpus comes in through a data YAML on Hydra's search path, not a `{...}` override:
         # Hydra 1.3's override parser misreads dict values under `python -O` (test_faults.py)
+        cache = [f"data.cache_dir='{self.cache}'"] if self.cache is not None else []
         return [
             "experiment=smoke", "logger=none", f"hydra.searchpath=[file://{self.conf_dir}]",
-            "data=itest", f"data.cache_dir='{self.cache}'",
-            "data.seq_len=32", "data.val_fraction=0.05", "trainer.precision=fp32",
+            "data=itest", *cache, "data.seq_len=32", "data.val_fraction=0.05", "trainer.precision=fp32",
             "trainer.progress_bar=false", "trainer.log_every=1",
         ]
 

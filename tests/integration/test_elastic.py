@@ -1,19 +1,28 @@
-"""Elastic resume on 2 CPU ranks (ZeRO-2, fp32): a checkpoint of 2 ranks continues on 1, and one
-of 1 rank on 2, through DeepSpeed's universal checkpoint, keeping the global batch (the
+"""Elastic resume on 2 CPU ranks (ZeRO-1, -2 and -3, fp32): a checkpoint of 2 ranks continues on 1,
+and one of 1 rank on 2, through DeepSpeed's universal checkpoint, keeping the global batch (the
 accumulation adapts) and the sample order; the losses follow an uninterrupted 2-rank run to fp32
-reduction-order tolerance. Without trainer.elastic the change is refused."""
+reduction-order tolerance. Without trainer.elastic the change is refused. And the whole story on
+one machine: two torchrun "nodes" with node-local caches, one killed, the run finished on the
+other."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Dict, List
 
+import psutil  # a DeepSpeed dependency
 import pytest
 import torch
 
 # dropless, no jitter, no balance losses: the loss is a mean of per-token terms, so regrouping the
 # global batch into other micro-batches changes only the order of the sums
-ELASTIC = ["deepspeed=zero2", "trainer.micro_batch_size=4", "trainer.warmup_steps=2", "trainer.decay_steps=12",
+ELASTIC = ["trainer.micro_batch_size=4", "trainer.warmup_steps=2", "trainer.decay_steps=12",
            "trainer.save_every=4", "trainer.keep_last=3", "trainer.eval_every=0", "model.capacity_factor=null",
            "model.router_jitter=0.0", "model.aux_loss_coef=0", "model.z_loss_coef=0"]
 REL = 1e-5  # fp32: the regrouped sums round differently; measured: at most 1e-7
@@ -27,25 +36,35 @@ def copy_tag(src_run: Path, step: int, dst_run: Path) -> None:
     shutil.copy(src_run / "tokenizer.json", dst_run / "tokenizer.json")
 
 
+def master_weights(run_dir: Path, step: int) -> Dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint, gathered by DeepSpeed's own zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
+
+
 @pytest.mark.slow
-def test_resume_on_another_world_size(trainer, tmp_path):
-    reference = trainer.run(tmp_path / "ref", [*ELASTIC, "trainer.max_steps=12"]).check().losses()
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_another_world_size(trainer, tmp_path, stage):
+    elastic = [f"deepspeed=zero{stage}", *ELASTIC]
+    reference = trainer.run(tmp_path / "ref", [*elastic, "trainer.max_steps=12"]).check().losses()
 
     one = tmp_path / "one_rank"
     copy_tag(tmp_path / "ref", 4, one)
-    refused = trainer.run(one, [*ELASTIC, "trainer.max_steps=8"], nproc=1)
-    assert refused.returncode != 0  # torchrun reports the rank's exit 2 as 1
-    assert "was saved by 2 rank(s) and this run has 1" in refused.output
-    assert "set trainer.elastic=true to reshard it" in refused.output
+    if stage == 2:  # the refusal is the same for every stage
+        refused = trainer.run(one, [*elastic, "trainer.max_steps=8"], nproc=1)
+        assert refused.returncode != 0  # torchrun reports the rank's exit 2 as 1
+        assert "was saved by 2 rank(s) and this run has 1" in refused.output
+        assert "set trainer.elastic=true to reshard it" in refused.output
 
-    down = trainer.run(one, [*ELASTIC, "trainer.max_steps=8", "trainer.elastic=true"], nproc=1).check()
+    down = trainer.run(one, [*elastic, "trainer.max_steps=8", "trainer.elastic=true"], nproc=1).check()
     assert ("elastic resume from step_00000004: world size 2 -> 1, gradient accumulation 1 -> 2, "
             "micro-batch 4: the global batch of 8 stays") in down.output
     assert "RNG streams re-seeded per rank from (seed 1234, step 4, rank)" in down.output
-    # the universal checkpoint holds exactly the saved master weights
-    saved = torch.load(tmp_path / "ref" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)["module"]  # our own test artifact
+    # the universal checkpoint holds exactly the saved master weights, every parameter of them
     universal = one / "checkpoints" / ".universal" / "step_00000004" / "zero"
+    saved = master_weights(tmp_path / "ref", 4)
+    assert {p.name for p in universal.iterdir() if p.is_dir()} == set(saved)
     for name, tensor in saved.items():
         fp32 = torch.load(universal / name / "fp32.pt", weights_only=False)  # DeepSpeed wrote it here
         fp32 = fp32["param"] if isinstance(fp32, dict) else fp32  # newer DeepSpeed wraps it with metadata
@@ -53,9 +72,83 @@ def test_resume_on_another_world_size(trainer, tmp_path):
 
     two = tmp_path / "two_ranks"
     copy_tag(one, 8, two)
-    up = trainer.run(two, [*ELASTIC, "trainer.max_steps=12", "trainer.elastic=true"]).check()
+    up = trainer.run(two, [*elastic, "trainer.max_steps=12", "trainer.elastic=true"]).check()
     assert "world size 1 -> 2, gradient accumulation 2 -> 1" in up.output
     resumed = {**down.losses(), **up.losses()}
     assert sorted(resumed) == list(range(5, 13))
     for step in range(5, 13):
-        assert resumed[step] == pytest.approx(reference[step], rel=REL), step
+        assert resumed[step] == pytest.approx(reference[step], rel=REL), (stage, step)
+
+
+DIST_TIMEOUT_S = 30
+WAIT_S = 300  # the fixtures' limit on one run
+
+
+def start_node(trainer, node: int, port: int, run_dir: Path, overrides: List[str],
+               cache: Path) -> subprocess.Popen:
+    """One of two torchrun "nodes" (one rank each, LOCAL_RANK 0 on both) meeting through c10d
+    rendezvous on 127.0.0.1; node 0 hosts the store. Ranks follow the sorted node addresses, so
+    node 0 (127.0.0.1) is global rank 0 and node 1 (127.0.0.2, also loopback) rank 1. Its own
+    AVA_CACHE stands for a node-local disk."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+           "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", f"127.0.0.{node + 1}",
+           "--max-restarts", "0", "-m", "ava.train", *trainer.base_overrides(), f"hydra.run.dir='{run_dir}'",
+           *overrides]
+    env = {**trainer.env(2), "AVA_CACHE": str(cache)}
+    log = (run_dir.parent / f"node{node}.log").open("w")
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def lose_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a node's agent and its workers at once, as when the machine goes away. torchrun starts
+    each worker in a session of its own, so the agent's process group alone would miss them."""
+    for proc in [*psutil.Process(agent.pid).children(recursive=True), psutil.Process(agent.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    agent.wait()
+
+
+@pytest.mark.slow
+def test_two_nodes_lose_one_and_the_run_finishes_on_the_other(trainer, tmp_path):
+    nodes = type(trainer)(trainer.corpus, None, trainer.conf_dir)  # data.cache_dir from AVA_CACHE, per node
+    run_dir = tmp_path / "run"  # shared by both nodes, as a cluster's shared filesystem
+    run_dir.mkdir()
+    caches = [tmp_path / "node0_cache", tmp_path / "node1_cache"]
+    common = ["deepspeed=zero2", *ELASTIC, f"trainer.dist_timeout_s={DIST_TIMEOUT_S}"]
+    port = trainer.free_port()
+    procs = [start_node(nodes, node, port, run_dir, [*common, "trainer.max_steps=1000"], caches[node])
+             for node in (0, 1)]
+    try:
+        trainer.wait_for_steps(procs[0], run_dir, 6)
+        lose_node(procs[1])
+        killed = time.monotonic()
+        procs[0].wait(timeout=WAIT_S)
+        survivor_s = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                lose_node(proc)
+    node0 = (tmp_path / "node0.log").read_text()
+    assert procs[0].returncode != 0, node0[-4000:]
+    assert survivor_s < DIST_TIMEOUT_S, (survivor_s, node0[-4000:])
+    assert "error: lost contact with another rank" in node0, node0[-4000:]
+    # each node's first rank prepared the same token cache on its own disk
+    built = [sorted(p.name for p in (cache / "data").iterdir() if not p.name.startswith(".")) for cache in caches]
+    assert built[0] == built[1] and len(built[0]) == 1, built
+    first = [(cache / "data" / built[0][0] / "tokenizer.json").read_bytes() for cache in caches]
+    assert first[0] == first[1]
+
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    saved = int(tag.removeprefix("step_"))
+    assert saved >= 4
+    steps_before = {json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    end = saved + 4
+    resumed = nodes.run(run_dir, [*common, f"trainer.max_steps={end}", "trainer.elastic=true"], nproc=1,
+                        extra_env={"AVA_CACHE": str(caches[0])}).check()
+    assert (f"elastic resume from {tag}: world size 2 -> 1, gradient accumulation 1 -> 2, micro-batch 4: "
+            "the global batch of 8 stays") in resumed.output
+    assert f"data: reusing cache {caches[0] / 'data' / built[0][0]}" in resumed.output
+    losses = resumed.losses()
+    assert sorted(s for s in losses if s > saved) == list(range(saved + 1, end + 1))
+    assert steps_before >= set(range(1, saved + 1))
