@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 from ava import dist
 from ava.checkpoints import read_manifest
 from ava.config import AvaConfig, ConfigError
-from ava.train.checkpoint import CheckpointManager, seed_everything
+from ava.train.checkpoint import seed_everything
 
 log = logging.getLogger("ava.train")
 
@@ -61,14 +61,12 @@ class Reshard:
                 f"the global batch of {self.micro * self.accum * self.world} stays")
 
 
-def plan_reshard(cfg: AvaConfig, checkpoints: CheckpointManager, world: int) -> Optional[Reshard]:
-    """The reshard `trainer.resume` needs on `world` ranks, or None when the checkpoint (if any)
-    was saved by this many ranks. Raises `ConfigError` for what cannot be resharded."""
+def plan_reshard(cfg: AvaConfig, tag_dir: Optional[Path], world: int) -> Optional[Reshard]:
+    """The reshard that resuming from `tag_dir` (what `trainer.resume` resolved to) needs on `world`
+    ranks, or None when there is none to resume or it was saved by this many ranks. Raises
+    `ConfigError` for what cannot be resharded."""
     t = cfg.trainer
-    if not t.elastic:
-        return None
-    tag_dir = checkpoints.resolve(t.resume)
-    if tag_dir is None:
+    if not t.elastic or tag_dir is None:
         return None
     manifest = read_manifest(tag_dir)
     saved_world = int(manifest.get("world_size", world))

@@ -105,10 +105,9 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
 
 def resume(run: Run) -> None:
     """`trainer.resume`: auto (the newest intact checkpoint, if any), never, or a tag/path."""
-    spec = run.cfg.trainer.resume
-    tag_dir = run.reshard.tag_dir if run.reshard is not None else run.checkpoints.resolve(spec)
+    tag_dir = run.resume_from
     if tag_dir is None:
-        if spec == "auto":
+        if run.cfg.trainer.resume == "auto":
             log.info("no complete checkpoint in %s: starting from step 0", run.checkpoints.dir)
         return
     restore(run, tag_dir, resume=True)

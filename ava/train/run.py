@@ -65,6 +65,7 @@ class Run:
     timer: StepTimer
     resolved_config: Dict[str, Any]
     stop: Optional[StopRequest]  # the caller's signal handler (covers setup too), else fit's own
+    resume_from: Optional[Path] = None  # the tag `trainer.resume` resolved to; None: start at step 0
     reshard: Optional[Reshard] = None  # an elastic resume onto another world size (ava/train/elastic.py)
 
 
@@ -114,7 +115,8 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
     t, rank = cfg.trainer, dist.rank()
     run_dir = Path(run_dir)
     checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_last, verify_hashes=t.verify_checkpoints)
-    reshard = plan_reshard(cfg, checkpoints, dist.world_size())
+    resume_from = checkpoints.resolve(t.resume)  # once: it verifies the checkpoint's hashes
+    reshard = plan_reshard(cfg, resume_from, dist.world_size())
     if reshard is not None:  # before the engine: DeepSpeed's batch settings follow the new layout
         log.info("%s", reshard.describe())
         cfg = adapted(cfg, reshard)
@@ -177,7 +179,7 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
               checkpoints=checkpoints,
               faults=faults, health=health, callbacks=CallbackList(), state=state,
               timer=_timer(engine.device, m.sync_timing), resolved_config=resolved_config or {},
-              stop=stop, reshard=reshard)
+              stop=stop, resume_from=resume_from, reshard=reshard)
     checkpointing = Checkpointing(lambda: save_checkpoint(run), save_every=t.save_every,
                                   save_at_end=t.save_at_end)
     run.callbacks = CallbackList([*own, *user_callbacks, checkpointing])
