@@ -30,9 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("ava.train")
 
 
+def _optimizer_layout(stage: int) -> str:
+    """DeepSpeed's optimizer checkpoint format for a ZeRO stage: stages 1 and 2 share one."""
+    return {0: "unpartitioned", 1: "zero-1/2", 2: "zero-1/2"}.get(stage, "zero-3")
+
+
 def check_resumable(run: Run, tag_dir: Path) -> bool:
     """Refuse another world size (ZeRO partitions, loader shards and RNG streams are per rank),
-    another expert-parallel split, or other data (the loader position would point into a
+    another expert-parallel split, another ZeRO stage, or other data (the loader position would point into a
     different token stream); returns whether the data changed (and that was allowed)."""
     manifest = read_manifest(tag_dir)
     world = run.plan.world_size
@@ -51,6 +56,13 @@ def check_resumable(run: Run, tag_dir: Path) -> bool:
             f"has {ep}: each rank's experts and optimizer shards follow that split. Relaunch with "
             f"trainer.expert_parallel_size={saved_ep}, or export the checkpoint with ava-export and "
             "start a new run directory")
+    saved_stage, stage = manifest.get("zero_stage"), run.plan.zero_stage
+    if saved_stage is not None and _optimizer_layout(int(saved_stage)) != _optimizer_layout(stage):
+        raise ConfigError(
+            f"checkpoint {tag_dir} was saved under ZeRO stage {saved_stage} and this run uses stage {stage}: "
+            "DeepSpeed writes the optimizer state of stage 0, stages 1-2 and stage 3 in different layouts, and "
+            f"Ava's resume does not convert between them. Relaunch with deepspeed=zero{saved_stage}, or export the "
+            "checkpoint with ava-export and start a new run directory")
     saved_data, fingerprint = manifest.get("data_fingerprint"), run.data.fingerprint
     changed = saved_data is not None and saved_data != fingerprint
     if changed and not run.cfg.trainer.allow_data_change:

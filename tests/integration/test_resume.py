@@ -169,7 +169,7 @@ def test_corrupted_checkpoint_is_skipped_and_none_left_is_a_clear_error(trainer,
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_world_size_or_other_data(trainer, uninterrupted, tmp_path):
+def test_resume_refuses_another_world_size_stage_or_other_data(trainer, uninterrupted, tmp_path):
     run_dir = _copy_run(uninterrupted.run_dir, tmp_path / "run")
     one_rank = trainer.run(run_dir, [*RESUME, f"trainer.max_steps={3 * K}"], nproc=1,
                            launcher="python")
@@ -182,5 +182,11 @@ def test_resume_refuses_another_world_size_or_other_data(trainer, uninterrupted,
     assert other_data.returncode == 2, other_data.output[-4000:]
     assert "was trained on data with fingerprint" in other_data.output
     assert "set trainer.allow_data_change=true" in other_data.output
-    for run in (one_rank, other_data):
+    zero3 = [o for o in RESUME if not o.startswith("deepspeed=")] + ["deepspeed=zero3"]
+    other_stage = trainer.run(run_dir, [*zero3, f"trainer.max_steps={3 * K}"], launcher="deepspeed")
+    assert other_stage.returncode == 2, other_stage.output[-4000:]
+    assert (f"checkpoint {run_dir / 'checkpoints' / f'step_{2 * K:08d}'} was saved under ZeRO stage 2 and "
+            "this run uses stage 3") in other_stage.output
+    assert "Relaunch with deepspeed=zero2" in other_stage.output
+    for run in (one_rank, other_data, other_stage):
         assert "Traceback" not in run.output
