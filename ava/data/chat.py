@@ -214,7 +214,7 @@ class ChatValidator(Validator):
     """Checks each conversation and renders it; yields `{location, segments, targets}` rows."""
 
     def __init__(self, template: ChatTemplate, train_on: str, *, strict: bool, report_examples: int) -> None:
-        super().__init__(max_doc_chars=1, strict=strict, report_examples=report_examples)  # never split
+        super().__init__(strict=strict, report_examples=report_examples)
         self.template, self.train_on = template, train_on
 
     def __call__(self, records: Iterable[RawRecord]) -> Iterator[Dict[str, Any]]:  # type: ignore[override]

@@ -98,9 +98,11 @@ def pack_conversations(rows: Iterator[Tuple[str, List[int], List[bool]]], block_
     """Blocks `(ids, targets, segments, tokens used)` of `block_len` tokens from `(location, ids, targets)` rows.
     An over-long conversation is truncated to `block_len` (`on_truncate(location)`) or dropped
     (`on_drop(location, detail)`); one left without a target is dropped too."""
-    ids = np.full(block_len, pad_id, dtype=np.int64)
-    targets = np.zeros(block_len, dtype=np.uint8)
-    segments = np.zeros(block_len, dtype=np.int32)
+    def empty() -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (np.full(block_len, pad_id, dtype=np.int64), np.zeros(block_len, dtype=np.uint8),
+                np.zeros(block_len, dtype=np.int32))
+
+    ids, targets, segments = empty()
     fill = docs = 0
     for location, row_ids, row_targets in rows:
         n = len(row_ids)
@@ -116,9 +118,7 @@ def pack_conversations(rows: Iterator[Tuple[str, List[int], List[bool]]], block_
         if fill + n > block_len:
             segments[fill:] = docs  # the padding is a document of its own, with no target
             yield ids, targets, segments, fill
-            ids = np.full(block_len, pad_id, dtype=np.int64)
-            targets = np.zeros(block_len, dtype=np.uint8)
-            segments = np.zeros(block_len, dtype=np.int32)
+            ids, targets, segments = empty()
             fill = docs = 0
         ids[fill:fill + n] = row_ids
         targets[fill:fill + n] = row_targets

@@ -28,7 +28,7 @@ from ava import dist
 from ava.config import DataConfig
 from ava.data import cache
 from ava.data import tokenizer as tok
-from ava.data.chat import TOO_LONG, ChatValidator, load_template
+from ava.data.chat import TOO_LONG, ChatTemplate, ChatValidator, load_template
 from ava.data.errors import DataError, DataSourceError, DataValidationError
 from ava.data.packing import (
     ChatBlocks,
@@ -41,7 +41,7 @@ from ava.data.packing import (
     write_stream,
 )
 from ava.data.sources import Source, resolve_sources
-from ava.data.validate import ValidationReport, Validator
+from ava.data.validate import TextValidator, ValidationReport, Validator
 from ava.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,15 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _keys(data_cfg: DataConfig, sources: List[Source], seed: int,
-          model_vocab_size: int) -> Tuple[str, str, dict]:
+def _keys(data_cfg: DataConfig, sources: List[Source], seed: int, model_vocab_size: int,
+          template: Optional[ChatTemplate]) -> Tuple[str, str, dict]:
     """(cache key, corpus key, tokenizer identity). The corpus key covers what decides the
     documents of each split; the cache key adds the tokenizer. For text `seq_len` is in neither:
     blocks are views, so one cache serves every sequence length. Conversations are packed into
     blocks of `seq_len + 1`, so for chat the key holds it, with the template and the mask rule."""
     chat = None
-    if data_cfg.kind == "chat":
-        chat = {"template": load_template(data_cfg).identity, "train_on": data_cfg.train_on,
+    if template is not None:
+        chat = {"template": template.identity, "train_on": data_cfg.train_on,
                 "overlong": data_cfg.chat.overlong, "seq_len": data_cfg.seq_len,
                 "fields": [data_cfg.chat.messages_field, data_cfg.chat.prompt_field,
                            data_cfg.chat.completion_field]}
@@ -199,9 +199,10 @@ def _obtain_tokenizer(data_cfg: DataConfig, train_ds, identity: dict, root: Path
     return trained
 
 
-def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict,
-           final: Path, seed: int, model_vocab_size: int, out: _Output) -> None:
-    """Build the cache directory `final` (in a scratch directory, then renamed into place)."""
+def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict, final: Path, seed: int,
+           model_vocab_size: int, template: Optional[ChatTemplate], out: _Output) -> None:
+    """Build the cache directory `final` (in a scratch directory, then renamed into place);
+    `template`: the chat template for conversations, None for text."""
     import datasets
 
     start = time.perf_counter()
@@ -213,14 +214,13 @@ def _build(data_cfg: DataConfig, sources: List[Source], key: str, identity: dict
     try:
         work = scratch / "work"
         work.mkdir()
-        chat = data_cfg.kind == "chat"
+        chat = template is not None
         if chat:
-            template = load_template(data_cfg)
             out.say(f"data: chat template from {template.origin}; targets: {data_cfg.train_on} tokens")
             validator: Validator = ChatValidator(template, data_cfg.train_on, strict=data_cfg.strict,
                                                  report_examples=data_cfg.report_examples)
         else:
-            validator = Validator(max_doc_chars=data_cfg.max_doc_chars, strict=data_cfg.strict,
+            validator = TextValidator(max_doc_chars=data_cfg.max_doc_chars, strict=data_cfg.strict,
                                   report_examples=data_cfg.report_examples)
         n_docs = _read_documents(sources, validator, work / "documents.arrow",
                                  data_cfg.batch_size, out.progress, CHAT_SCHEMA if chat else TEXT_SCHEMA)
@@ -306,7 +306,8 @@ def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
         log.warning("data: the built-in corpus %r is used as well as data.sources "
                     "(data.builtin=%s); to train on your files only, use data=files", data_cfg.builtin,
                     data_cfg.builtin)
-    key, _corpus_key, identity = _keys(data_cfg, sources, seed, model_vocab_size)
+    template = load_template(data_cfg) if data_cfg.kind == "chat" else None
+    key, _corpus_key, identity = _keys(data_cfg, sources, seed, model_vocab_size, template)
     final = root / f"{data_cfg.name}-{key[:16]}"
     if cache.is_complete(final):
         report = ValidationReport.load(final / cache.REPORT)
@@ -316,7 +317,7 @@ def _prepare_rank0(data_cfg: DataConfig, model_vocab_size: int, seed: int,
         out.say(f"data: reusing cache {final} ({time.perf_counter() - start:.2f}s)")
         out.report(report)
     else:
-        _build(data_cfg, sources, key, identity, final, seed, model_vocab_size, out)
+        _build(data_cfg, sources, key, identity, final, seed, model_vocab_size, template, out)
     return final
 
 

@@ -132,10 +132,11 @@ def split_text(text: str, max_chars: int) -> List[str]:
 
 
 class Validator:
-    """Consumes `RawRecord`s, yields the documents to keep, and fills a `ValidationReport`."""
+    """Consumes `RawRecord`s, yields what to keep, and fills a `ValidationReport`: the skip,
+    drop and truncation bookkeeping every kind of record shares (text: `TextValidator`;
+    conversations: `ava.data.chat.ChatValidator`)."""
 
-    def __init__(self, *, max_doc_chars: int, strict: bool, report_examples: int) -> None:
-        self.max_doc_chars = max_doc_chars
+    def __init__(self, *, strict: bool, report_examples: int) -> None:
         self.strict = strict
         self.report_examples = report_examples
         self.report = ValidationReport()
@@ -163,6 +164,17 @@ class Validator:
     def truncate(self, location: str) -> None:
         self.report.truncated += 1
         self._example(TRUNCATED, location)
+
+    def __call__(self, records: Iterable[RawRecord]) -> Iterator:
+        raise NotImplementedError
+
+
+class TextValidator(Validator):
+    """Plain documents: empty ones skipped, those over `max_doc_chars` split (never dropped)."""
+
+    def __init__(self, *, max_doc_chars: int, strict: bool, report_examples: int) -> None:
+        super().__init__(strict=strict, report_examples=report_examples)
+        self.max_doc_chars = max_doc_chars
 
     def __call__(self, records: Iterable[RawRecord]) -> Iterator[str]:
         for record in records:

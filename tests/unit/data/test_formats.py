@@ -17,7 +17,7 @@ from ava.config import SourceConfig
 from ava.data.errors import DataSourceError
 from ava.data.formats import detect_format
 from ava.data.sources import resolve_sources
-from ava.data.validate import Validator
+from ava.data.validate import TextValidator
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def read_all(tmp_path, data_config):
 
 
 def _read(cfg, tmp_path: Path) -> List[str]:
-    validator = Validator(max_doc_chars=cfg.max_doc_chars, strict=True, report_examples=3)
+    validator = TextValidator(max_doc_chars=cfg.max_doc_chars, strict=True, report_examples=3)
     texts = [t for s in resolve_sources(cfg, tmp_path / "hf") for t in validator(s.records())]
     assert validator.report.read == validator.report.kept == len(texts)
     return texts

@@ -17,7 +17,7 @@ from ava.data.validate import (
     MISSING_FIELD,
     NON_STRING_FIELD,
     SPLIT,
-    Validator,
+    TextValidator,
     split_text,
 )
 
@@ -61,7 +61,7 @@ def test_counts_by_reason_are_exact(tmp_path, data_config, documents):
     good = [*documents[:20], long_doc, *documents[20:]]
     path, bad_lines, good_lines = seeded_corpus(tmp_path, good)
     cfg = data_config([SourceConfig(path=str(path))], max_doc_chars=MAX_CHARS)
-    validator = Validator(max_doc_chars=MAX_CHARS, strict=False, report_examples=1)
+    validator = TextValidator(max_doc_chars=MAX_CHARS, strict=False, report_examples=1)
     texts = [t for s in resolve_sources(cfg, tmp_path) for t in validator(s.records())]
     report = validator.report
 
@@ -111,7 +111,7 @@ def test_other_formats_report_row_locations(tmp_path, data_config):
     pq.write_table(pa.table({"text": ["good", None, "", "also good"]}), tmp_path / "t.parquet")
     (tmp_path / "t.csv").write_bytes(b"text,n\nfine,1\nbad \xff byte,2\n,3\n")
     cfg = data_config([SourceConfig(path=str(tmp_path / "t.*"))])
-    validator = Validator(max_doc_chars=100, strict=False, report_examples=5)
+    validator = TextValidator(max_doc_chars=100, strict=False, report_examples=5)
     texts = [t for s in resolve_sources(cfg, tmp_path) for t in validator(s.records())]
     assert texts == ["fine", "good", "also good"]
     assert validator.report.skipped == {EMPTY_TEXT: 2, INVALID_UTF8: 1, MISSING_FIELD: 1}
