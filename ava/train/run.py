@@ -137,7 +137,7 @@ def build_model(cfg: AvaConfig, plan: TrainPlan) -> torch.nn.Module:
         log.info("init_from: weights of %s (%s) loaded before step 0, %s (host peak RSS so far %.2f GiB)",
                  source.path, source.layout, where, peak_rss() / 2**30)
     elif plan.zero_stage == 3:
-        log.info("model initialised %s", where)
+        log.info("model initialised %s (host peak RSS so far %.2f GiB)", where, peak_rss() / 2**30)
     return model
 
 
