@@ -16,6 +16,8 @@ from ava.hf import family
 from ava.hf.families import FAMILIES
 
 LAYOUTS = ("ava", "mixtral", *FAMILIES)  # the layouts (model_type values) Ava reads and writes
+_EXPERT_TENSOR = re.compile(r"(.+\.experts)\.")  # any layout: a layer's expert tensors
+_DENSE_MLP_TENSOR = re.compile(r"(.*layers\.\d+\.mlp)\.")
 _MIXTRAL_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 # Mixtral's per-expert [out, in] matrices in Ava's stacked `[E, in, out]` tensors: w1 (gate) is the
 # first half of `w_gate_up`'s columns, w3 (up) the second half, w2 is `w_down`.
@@ -72,6 +74,14 @@ def resolve_layout(cfg: ModelConfig, layout: str) -> str:
             + "; ".join(problems) + ". Use --layout ava (or auto)."
         )
     return layout
+
+
+def tensor_group(name: str, upcycle: bool = False) -> str:
+    """The module whose stored tensors convert to Ava's together, in any layout: a layer's expert
+    tensors (per expert or fused, restacked into Ava's `[E, ...]` tensors) and, when upcycling, a
+    layer's dense MLP (which becomes them); any other tensor converts with its own module's."""
+    found = _EXPERT_TENSOR.match(name) or (_DENSE_MLP_TENSOR.match(name) if upcycle else None)
+    return found.group(1) if found else name.rsplit(".", 1)[0]
 
 
 def ava_to_mixtral(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ava.files import sha256_file
 from ava.hf import family
 from ava.hf.families import FAMILIES
 from ava.hf.layouts import LAYOUTS, mixtral_to_ava, model_config_from_hf
-from ava.hf.shards import INDEX_NAME, SINGLE_NAME
+from ava.hf.shards import INDEX_NAME, SINGLE_NAME, STORED_DTYPES
 from ava.inference.errors import CheckpointFormatError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -122,17 +122,63 @@ def read_tensors(model: ExportedModel, verify: bool = True) -> dict[str, torch.T
                     tensors[name] = f.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types for truncated headers
             raise CheckpointFormatError(f"{model.path / shard} cannot be read as safetensors: {err}") from None
-    if model.layout != "ava":
-        try:
-            if model.layout == "mixtral":
-                tensors = mixtral_to_ava(tensors, model.config)
-            else:
-                tensors = family.to_ava(tensors, model.config)
-        except KeyError as err:
-            raise CheckpointFormatError(f"{model.path}: {err.args[0]}") from None
-        if model.config.tie_embeddings:
-            tensors.pop("lm_head.weight", None)
+    return to_ava_layout(model, tensors)
+
+
+def to_ava_layout(model: ExportedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored tensors (all of them, or those of whole `tensor_group`s) in Ava's names and
+    layout, keeping their dtypes; meta tensors give the names and shapes without any data."""
+    if model.layout == "ava":
+        return tensors
+    try:
+        if model.layout == "mixtral":
+            tensors = mixtral_to_ava(tensors, model.config)
+        else:
+            tensors = family.to_ava(tensors, model.config)
+    except KeyError as err:
+        raise CheckpointFormatError(f"{model.path}: {err.args[0]}") from None
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
     return tensors
+
+
+def stored_meta(model: ExportedModel) -> dict[str, torch.Tensor]:
+    """Every stored tensor as a meta tensor of its stored shape and dtype, from the shards'
+    headers alone: a loader plans and checks with these before it reads any weight."""
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(model.shards.values())):
+        try:
+            with safe_open(model.path / shard, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    view = f.get_slice(name)
+                    code = view.get_dtype()
+                    if code not in STORED_DTYPES:
+                        raise CheckpointFormatError(f"{model.path / shard}: {name} is stored as {code}; Ava reads "
+                                                    f"{', '.join(STORED_DTYPES)}")
+                    out[name] = torch.empty(view.get_shape(), dtype=STORED_DTYPES[code], device="meta")
+        except CheckpointFormatError:
+            raise
+        except Exception as err:  # safetensors raises its own error types for truncated headers
+            raise CheckpointFormatError(f"{model.path / shard} cannot be read as safetensors: {err}") from None
+    return out
+
+
+def read_stored(model: ExportedModel, names: list[str]) -> dict[str, torch.Tensor]:
+    """The stored tensors `names`, in their stored dtype, one at a time; each shard they live in
+    is opened once and closed before returning: safetensors maps a shard into memory, and the
+    pages a read touched stay resident (counted in the process's RSS) until it is closed."""
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(model.shards[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for shard, inside in by_shard.items():
+        try:
+            with safe_open(model.path / shard, framework="pt") as f:
+                for name in inside:
+                    out[name] = f.get_tensor(name)
+        except Exception as err:  # a truncated shard shows only when its data is read
+            raise CheckpointFormatError(f"{model.path / shard} cannot be read as safetensors: {err}") from None
+    return out
 
 
 def check_against(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:

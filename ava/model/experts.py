@@ -129,7 +129,17 @@ def init_experts(experts: Experts, std: float, out_std: float) -> None:
             if name.startswith("b"):
                 p.zero_()
             else:
-                p.normal_(0.0, out_std if name in ("w2", "w_down") else std)
+                normal_(p, out_std if name in ("w2", "w_down") else std)
+
+
+def normal_(p: torch.Tensor, std: float) -> None:
+    """`p.normal_(0, std)` as drawn in fp32 by torch's CPU generator, whatever `p`'s device and
+    dtype (a parameter that ZeRO-3 gathered lives on the accelerator, maybe in bf16): the same
+    seed gives the same weights wherever the model is initialised."""
+    if p.device.type == "cpu" and p.dtype == torch.float32:
+        p.normal_(0.0, std)
+    else:
+        p.copy_(torch.empty(p.shape).normal_(0.0, std))
 
 
 def depth_scaled_std(std: float, num_layers: int) -> float:

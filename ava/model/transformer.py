@@ -5,8 +5,9 @@ Single-device PyTorch, no I/O. Sharding and precision are the trainer's business
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from ava.model.attention import (
     document_mask_4d,
     document_positions,
 )
-from ava.model.experts import DenseFFN, depth_scaled_std, init_experts
+from ava.model.experts import DenseFFN, depth_scaled_std, init_experts, normal_
 from ava.model.lm_loss import LMHead, linear_cross_entropy
 from ava.model.moe import MoELayer
 from ava.model.rope import RotaryEmbedding
@@ -32,6 +33,14 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def _init_linear(module: nn.Module, std: float) -> None:
+    """A linear layer's or an embedding's weight ~ N(0, std), its bias (if any) zero."""
+    with torch.no_grad():
+        normal_(module.weight, std)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
 
 
 class Block(nn.Module):
@@ -74,7 +83,11 @@ class AvaOutput:
 
 
 class AvaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """`init_weights=False` leaves the parameters as their modules' constructors made them, for
+    a caller that runs `init_steps()` itself (a trainer whose parameters are partitioned as the
+    modules are built) or loads every weight anyway."""
+
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -83,23 +96,30 @@ class AvaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, self.routing) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for _, step in self.init_steps():
+                step()
+
+    def init_steps(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialisation as (module, step) pairs: each step writes that module's own
+        parameters only, and the steps draw from torch's generator in this order, so running
+        them in order gives the same weights for the same seed however the parameters are held."""
         std = self.cfg.init_std
         out_std = depth_scaled_std(std, self.cfg.num_layers)
-        with torch.no_grad():
-            for name, module in self.named_modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    is_output = name.endswith(("o_proj", "down_proj"))  # residual-branch outputs
-                    module.weight.normal_(0.0, out_std if is_output else std)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-                elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                    module.reset_parameters()
-            for layer in self.layers:
-                if layer.moe is not None:
-                    init_experts(layer.moe.experts, std, out_std)
+        steps: list[tuple[nn.Module, Callable[[], None]]] = []
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith(("o_proj", "down_proj"))  # residual-branch outputs
+                steps.append((module, functools.partial(_init_linear, module, out_std if is_output else std)))
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                steps.append((module, module.reset_parameters))
+        steps += [(layer.moe.experts, functools.partial(init_experts, layer.moe.experts, std, out_std))
+                  for layer in self.layers if layer.moe is not None]
+        return steps
 
     def forward(
         self,

@@ -5,7 +5,8 @@ its expert-parallel layer on AutoEP's all-to-all and DeepSpeed's expert-group he
 (`ava.train.sharded_moe`), and releases the shared-memory segments of DeepSpeed's CPU
 all-reduce by name (`ava.train.distributed`), and switches DeepSpeed's universal-checkpoint loading
 on for one load through the engine's config, mending what its ZeRO-3 loader gets wrong
-(`universal_loading`, for `ava.train.elastic`). None of these is public API, so they are pinned to
+(`universal_loading`, for `ava.train.elastic`), and builds ZeRO-3 models through a `zero.Init`
+whose per-module hook it extends (`ava.train.partitioned`). None of these is public API, so they are pinned to
 the versions the suite ran with (`pyproject.toml` states the same range) and looked up here,
 before any process group exists: outside the range, or with a piece missing, the run stops with
 the version, the range and the missing names instead of an AttributeError mid-step.
@@ -32,6 +33,8 @@ REQUIRED = {
                                       "DeepSpeedZeroOptimizer_Stage3._get_norm_groups",
                                       "DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3"],
     "deepspeed.runtime.utils": ["combine_grad_norm_groups"],
+    "deepspeed.runtime.zero.partition_parameters": ["Init._post_init_method", "DEFAULT_TENSOR_OVERRIDES",
+                                                    "is_zero_param"],
     "deepspeed.module_inject.auto_ep_layer": ["_AllToAllV", "compute_split_plan_from_expert_indices",
                                               "AutoEPMoELayer"],
     "deepspeed.utils.groups": ["_get_expert_parallel_group_dict", "_create_expert_and_data_parallel",

@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
             continue
         # experts' biases by name: stacked `b1 [E, I]` is 2-D, one expert's `b1 [I]` (ep) 1-D
         is_bias = name.rsplit(".", 1)[-1] in ("bias", "b1", "b2")
-        (no_decay if param.ndim < 2 or is_bias or "embed" in name else decay).append(param)
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's own shape is flat
+        (no_decay if ndim < 2 or is_bias or "embed" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

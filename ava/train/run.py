@@ -29,6 +29,7 @@ from ava.observe import Callback, CallbackList, TrainState, build_sinks
 from ava.observe.experts import ExpertMonitor
 from ava.observe.memory import MemoryMonitor, peak_rss
 from ava.observe.throughput import StepTimer, ThroughputMonitor, device_peak_tflops
+from ava.train import partitioned
 from ava.train.checkpoint import CheckpointManager, seed_everything
 from ava.train.checkpointing import Checkpointing, save_checkpoint
 from ava.train.elastic import Reshard, adapted, plan_reshard
@@ -109,6 +110,37 @@ def _timer(device: torch.device, sync_timing: bool) -> StepTimer:
     return StepTimer()
 
 
+def build_model(cfg: AvaConfig, plan: TrainPlan) -> torch.nn.Module:
+    """The model with its initial weights: seeded (the same on every rank) or `init_from`'s.
+    ZeRO-3: built partitioned and filled module by module (`ava.train.partitioned`); ZeRO 0-2:
+    whole on every rank, which DeepSpeed then partitions as the stage says."""
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    source = open_source(cfg.init_from) if cfg.init_from else None
+    noise = cfg.upcycle.noise if cfg.upcycle.num_experts else None
+    initialise = source is None or noise is not None  # else the checkpoint writes every weight
+    if plan.zero_stage == 3:
+        model = partitioned.build(cfg.model, plan.ds_config)
+        if initialise:
+            partitioned.initialise(model)
+        if source is not None:
+            with torch.device("meta"):
+                expected = AvaForCausalLM(cfg.model, init_weights=False).state_dict()
+            partitioned.load(model, source, expected, noise, cfg.seed)
+        values, total = partitioned.held(model)
+        where = f"into the ZeRO-3 partitions, module by module (this rank holds {values:,} of {total:,} values)"
+    else:
+        model = AvaForCausalLM(cfg.model, init_weights=initialise)
+        if source is not None:
+            load_weights(model, source, noise, seed=cfg.seed)
+        where = "whole on every rank"
+    if source is not None:
+        log.info("init_from: weights of %s (%s) loaded before step 0, %s (host peak RSS so far %.2f GiB)",
+                 source.path, source.layout, where, peak_rss() / 2**30)
+    elif plan.zero_stage == 3:
+        log.info("model initialised %s (host peak RSS so far %.2f GiB)", where, peak_rss() / 2**30)
+    return model
+
+
 def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None,
               resolved_config: Optional[Dict[str, Any]] = None, callbacks: Iterable[Callback] = (),
               stop: Optional[StopRequest] = None) -> Run:
@@ -135,17 +167,13 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
         atomic_write(run_dir / "tokenizer.json", lambda tmp: shutil.copyfile(data.tokenizer_path, tmp))
         if data.chat_template_path is not None:  # the export hands it on with the tokenizer
             atomic_write(run_dir / RUN_CHAT_TEMPLATE, lambda tmp: shutil.copyfile(data.chat_template_path, tmp))
-    seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = AvaForCausalLM(cfg.model)
-    if cfg.init_from:  # before the engine: DeepSpeed partitions what it is given
-        source = open_source(cfg.init_from)
-        load_weights(model, source, cfg.upcycle.noise if cfg.upcycle.num_experts else None, seed=cfg.seed)
-        log.info("init_from: weights of %s (%s) loaded before step 0 (host peak RSS so far %.2f GiB)",
-                 source.path, source.layout, peak_rss() / 2**30)
+    model = build_model(cfg, plan)
     seq_len = cfg.data.seq_len
-    flops_per_token = float(model.flops_per_token(seq_len))
+    with torch.device("meta"):  # shapes only: under ZeRO-3 the model itself holds only partitions
+        shapes = AvaForCausalLM(cfg.model, init_weights=False)
+    flops_per_token = float(shapes.flops_per_token(seq_len))
     log.info("model %s: %s parameters (%s active per token), %.2f GFLOPs/token", cfg.model.name,
-             f"{model.num_parameters():,}", f"{model.num_parameters(active_only=True):,}",
+             f"{shapes.num_parameters():,}", f"{shapes.num_parameters(active_only=True):,}",
              flops_per_token / 1e9)
     seed_everything(cfg.seed + rank)  # independent streams per rank from here on
     engine = build_engine(model, t, plan)

@@ -4,6 +4,7 @@ computes the same logits and the same greedy continuation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -191,6 +192,12 @@ def test_an_upcycled_dense_model_computes_the_dense_function_and_exports_as_its_
     assert not torch.equal(experts[0], experts[1])  # the copies are perturbed apart
     with torch.no_grad():
         assert 0 < float((noisy(IDS).logits - theirs).abs().max()) < 0.1 * float(theirs.abs().max())
+    # the routers' state is the model's own, the expert bias buffer included (not in a dense checkpoint)
+    biased = AvaForCausalLM(dataclasses.replace(cfg.model, expert_bias=True)).eval()
+    load_weights(biased, open_source(str(path)), upcycle_noise=0.0)
+    assert not biased.layers[0].moe.router.balance_bias.any()
+    with torch.no_grad():
+        torch.testing.assert_close(biased(IDS).logits, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_upcycling_an_moe_checkpoint_or_without_one_is_refused(tokenizer_file, tmp_path):
