@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from ava.checkpoints import read_manifest
+from ava.expert_layout import SHARDED_EXPERT, from_autoep
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILES = "layer_*_expert_*_mp_rank_*_model_states.pt"  # expert parallel, ZeRO-1/2: one per expert
 _AUTOEP_KEY = re.compile(r"(.+\.experts\.w[123])\.(\d+)")  # e.g. layers.0.moe.experts.w1.3
-# e.g. layers.0.moe.deepspeed_moe.experts.deepspeed_experts.3.b1 -> layers.0.moe.experts.b1, expert 3
-_SHARDED_KEY = re.compile(r"(.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)")
 
 
 def consolidate(save_dir: Path, tag: str, quiet: bool = True) -> dict[str, torch.Tensor]:
@@ -62,10 +61,8 @@ def expert_parallel_state(tag_dir: Path, quiet: bool = True) -> dict[str, torch.
     state = _saved_modules(tag_dir, expert_files) if expert_files else _universal(tag_dir, quiet)
     for name in [n for n in state if n.endswith(".experts.w3")]:  # AutoEP's (Ava's GELU has w1 and w2 only)
         prefix = name.removesuffix(".w3")
-        gate, up, down = (state.pop(f"{prefix}.{w}") for w in ("w1", "w3", "w2"))
-        # AutoEP: w1 (gate) and w3 (up) [E, I, H], w2 (down) [E, H, I]; Ava: [E, H, 2I] and [E, I, H]
-        state[f"{prefix}.w_gate_up"] = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()
-        state[f"{prefix}.w_down"] = down.transpose(1, 2).contiguous()
+        w1, w2, w3 = (state.pop(f"{prefix}.{w}") for w in ("w1", "w2", "w3"))
+        state[f"{prefix}.w_gate_up"], state[f"{prefix}.w_down"] = from_autoep(w1, w2, w3)
     return state
 
 
@@ -78,7 +75,7 @@ def _saved_modules(tag_dir: Path, expert_files: list[Path]) -> dict[str, torch.T
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for file in expert_files:
         for key, tensor in torch.load(file, map_location="cpu", weights_only=False).items():
-            autoep, sharded = _AUTOEP_KEY.fullmatch(key), _SHARDED_KEY.fullmatch(key)
+            autoep, sharded = _AUTOEP_KEY.fullmatch(key), SHARDED_EXPERT.fullmatch(key)
             if autoep is not None:
                 name, expert = autoep[1], int(autoep[2])
             elif sharded is not None:

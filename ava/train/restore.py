@@ -5,26 +5,32 @@
 included), and per rank the loader position and the RNG states. A rollback
 (`resume=False`) takes the parameters, optimizer and position only: the health statistics,
 the loader (the data consumed since is skipped, not replayed) and the RNG streams go on.
-Before DeepSpeed loads anything, a checkpoint the run cannot continue exactly is refused, unless
-`trainer.elastic=true` planned a reshard onto this world size (ava/train/elastic.py): then the
-tag is loaded through DeepSpeed's universal checkpoint, the loader is mapped by samples consumed
-and the RNG streams are re-seeded.
+`build_run` checks the checkpoint it resumes before it builds the engine (`check_layout`,
+`check_data`): one the run cannot continue exactly is refused, unless `trainer.elastic=true`
+planned a reshard onto this world size or expert-parallel split (ava/train/elastic.py). Then the
+tag is loaded through DeepSpeed's universal checkpoint, the router buffers (the expert bias) are
+copied from its module state, every rank's experts are checked against the saved ones, and on
+another world size the loader is mapped by samples consumed and the RNG streams are re-seeded.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+import torch
 
 from ava.checkpoints import read_manifest
-from ava.config import ConfigError
+from ava.config import AvaConfig, ConfigError
 from ava.train.checkpoint import rank_state_name, restore_rng
 from ava.train.checkpointing import callback_states
 from ava.train.ds_compat import universal_loading
-from ava.train.elastic import reseed, to_universal
+from ava.train.elastic import Reshard, reseed, to_universal
+from ava.train.expert_reshard import check_placement
 
 if TYPE_CHECKING:
+    from ava.train.plan import TrainPlan
     from ava.train.run import Run
 
 log = logging.getLogger("ava.train")
@@ -35,37 +41,41 @@ def _optimizer_layout(stage: int) -> str:
     return {0: "unpartitioned", 1: "zero-1/2", 2: "zero-1/2"}.get(stage, "zero-3")
 
 
-def check_resumable(run: Run, tag_dir: Path) -> bool:
-    """Refuse another world size (ZeRO partitions, loader shards and RNG streams are per rank),
-    another expert-parallel split, another ZeRO stage, or other data (the loader position would point into a
-    different token stream); returns whether the data changed (and that was allowed)."""
+def check_layout(cfg: AvaConfig, plan: TrainPlan, tag_dir: Path, reshard: Optional[Reshard]) -> None:
+    """Refuse another world size (ZeRO partitions, loader shards and RNG streams are per rank) or
+    another expert-parallel split unless `reshard` (trainer.elastic) covers them, and another
+    ZeRO stage always. Runs before the engine is built."""
     manifest = read_manifest(tag_dir)
-    world = run.plan.world_size
+    world = plan.world_size
     saved_world = manifest.get("world_size")
-    if saved_world is not None and int(saved_world) != world and run.reshard is None:
+    elastic = ("set trainer.elastic=true to reshard it (DeepSpeed universal checkpoint), or export the checkpoint "
+               "with ava-export and start a new run directory")
+    if saved_world is not None and int(saved_world) != world and reshard is None:
         raise ConfigError(
             f"checkpoint {tag_dir} was saved by {saved_world} rank(s) and this run has "
             f"{world}: resuming needs the same world size (ZeRO shards, loader "
-            f"positions and RNG streams are per rank). Relaunch with "
-            f"{saved_world} rank(s), set trainer.elastic=true to reshard it (DeepSpeed universal "
-            "checkpoint), or export the checkpoint with ava-export and start a new run directory")
-    saved_ep, ep = int(manifest.get("expert_parallel_size", 1)), run.cfg.trainer.expert_parallel_size
-    if saved_ep != ep:
+            f"positions and RNG streams are per rank). Relaunch with {saved_world} rank(s), {elastic}")
+    saved_ep, ep = int(manifest.get("expert_parallel_size", 1)), cfg.trainer.expert_parallel_size
+    if saved_ep != ep and reshard is None:
         raise ConfigError(
             f"checkpoint {tag_dir} was saved with trainer.expert_parallel_size={saved_ep} and this run "
             f"has {ep}: each rank's experts and optimizer shards follow that split. Relaunch with "
-            f"trainer.expert_parallel_size={saved_ep}, or export the checkpoint with ava-export and "
-            "start a new run directory")
-    saved_stage, stage = manifest.get("zero_stage"), run.plan.zero_stage
+            f"trainer.expert_parallel_size={saved_ep}, {elastic}")
+    saved_stage, stage = manifest.get("zero_stage"), plan.zero_stage
     if saved_stage is not None and _optimizer_layout(int(saved_stage)) != _optimizer_layout(stage):
         raise ConfigError(
             f"checkpoint {tag_dir} was saved under ZeRO stage {saved_stage} and this run uses stage {stage}: "
             "DeepSpeed writes the optimizer state of stage 0, stages 1-2 and stage 3 in different layouts, and "
             f"Ava's resume does not convert between them. Relaunch with deepspeed=zero{saved_stage}, or export the "
             "checkpoint with ava-export and start a new run directory")
-    saved_data, fingerprint = manifest.get("data_fingerprint"), run.data.fingerprint
+
+
+def check_data(cfg: AvaConfig, fingerprint: str, tag_dir: Path) -> bool:
+    """Refuse other data (the loader position would point into a different token stream) unless
+    `trainer.allow_data_change`; returns whether the data changed (and that was allowed)."""
+    saved_data = read_manifest(tag_dir).get("data_fingerprint")
     changed = saved_data is not None and saved_data != fingerprint
-    if changed and not run.cfg.trainer.allow_data_change:
+    if changed and not cfg.trainer.allow_data_change:
         raise ConfigError(
             f"checkpoint {tag_dir} was trained on data with fingerprint {saved_data}, but "
             f"the configured data has fingerprint {fingerprint} (data.sources, "
@@ -78,17 +88,42 @@ def check_resumable(run: Run, tag_dir: Path) -> bool:
     return changed
 
 
+def restore_buffers(module: Any, universal_tag: Path) -> None:
+    """DeepSpeed's universal load restores parameters from `zero/` and skips the module state, so
+    persistent buffers (the routers' expert bias) come from the converted tag's module state."""
+    files = sorted(p for p in universal_tag.glob("*mp_rank_00_model_states.pt") if not p.name.startswith("layer_"))
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # DeepSpeed's pickle, as resume
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+
+def _load_resharded(run: Run, reshard: Reshard, tag_dir: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    groups = [{k: v for k, v in group.items() if k != "params"}  # the torch optimizer's, inside ZeRO's
+              for group in run.engine.optimizer.optimizer.param_groups]
+    universal = to_universal(reshard, run.plan.expert_parallel, run.cfg.model.num_experts, groups)
+    with universal_loading(run.engine, universal):
+        # on another world size every rank continues the global order from rank 0's position
+        loaded = run.checkpoints.load(run.engine, universal, rank_state_from=tag_dir,
+                                      rank=0 if reshard.world_changed else None)
+    restore_buffers(run.engine.module, universal)
+    if reshard.moves_experts:
+        log.info("%s", check_placement(run.engine.module, universal / "zero", run.cfg.model.num_experts))
+    return loaded
+
+
 def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
     """Load `tag_dir` into `run` (see the module docstring); returns its step."""
     state = run.state
-    data_changed = check_resumable(run, tag_dir) if resume else False
-    reshard = run.reshard if resume and run.reshard is not None and run.reshard.tag_dir == tag_dir else None
+    resumed = resume and tag_dir == run.resume_from  # what build_run checked (and maybe planned to reshard)
+    reshard = run.reshard if resumed else None
     if reshard is None:
         client, rank_state = run.checkpoints.load(run.engine, tag_dir)
-    else:  # every rank continues the global order from rank 0's position (ranks run in lock step)
-        universal = to_universal(tag_dir)
-        with universal_loading(run.engine, universal):
-            client, rank_state = run.checkpoints.load(run.engine, universal, rank_state_from=tag_dir, rank=0)
+    else:
+        client, rank_state = _load_resharded(run, reshard, tag_dir)
+    data_changed = run.data_changed if resumed else False
+    exact = reshard is None or not reshard.world_changed  # per-rank state maps one to one
     state.step = int(client["step"])
     state.tokens_seen = int(client.get("tokens_seen", state.tokens_seen))
     state.last_saved = state.step
@@ -102,10 +137,10 @@ def restore(run: Run, tag_dir: Path, *, resume: bool) -> int:
             log.warning("the loader starts the new data from its beginning")
         else:
             try:
-                run.loader.load_state_dict(rank_state["loader"], strict=reshard is None)
+                run.loader.load_state_dict(rank_state["loader"], strict=exact)
             except ValueError as exc:
                 raise ConfigError(f"checkpoint {tag_dir}: {exc}") from exc
-        if reshard is None:
+        if exact:
             restore_rng(rank_state["rng"])
         else:
             reseed(run.cfg.seed, state.step, state.rank)

@@ -41,7 +41,7 @@ from ava.train.health_callback import HealthCallback
 from ava.train.host_memory import HostMemoryTrim
 from ava.train.init_from import load_weights, open_source
 from ava.train.plan import TrainPlan, make_plan
-from ava.train.restore import resume
+from ava.train.restore import check_data, check_layout, resume
 from ava.train.schedule import Schedule
 from ava.train.signals import StopRequest
 
@@ -67,7 +67,8 @@ class Run:
     resolved_config: Dict[str, Any]
     stop: Optional[StopRequest]  # the caller's signal handler (covers setup too), else fit's own
     resume_from: Optional[Path] = None  # the tag `trainer.resume` resolved to; None: start at step 0
-    reshard: Optional[Reshard] = None  # an elastic resume onto another world size (ava/train/elastic.py)
+    reshard: Optional[Reshard] = None  # an elastic resume onto another world size or split (ava/train/elastic.py)
+    data_changed: bool = False  # resume_from was trained on other data (trainer.allow_data_change)
 
 
 def _instantiate_reason(exc: Exception) -> str:
@@ -157,11 +158,14 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
         if resolved_config and isinstance(resolved_config.get("trainer"), dict):
             resolved_config["trainer"].update(grad_accum_steps=reshard.accum, global_batch_size=None)
     plan = plan or make_plan(t, cfg.deepspeed, cfg.model, dist.world_size())
+    if resume_from is not None:  # a refused resume stops before the data and the engine
+        check_layout(cfg, plan, resume_from, reshard)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     user_callbacks = config_callbacks(list(t.callbacks)) + list(callbacks)  # fail before the work
 
     data = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    data_changed = resume_from is not None and check_data(cfg, data.fingerprint, resume_from)
     if rank == 0:  # the run directory is self-contained: ava-export reads it from here
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "tokenizer.json", lambda tmp: shutil.copyfile(data.tokenizer_path, tmp))
@@ -207,7 +211,7 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
               checkpoints=checkpoints,
               faults=faults, health=health, callbacks=CallbackList(), state=state,
               timer=_timer(engine.device, m.sync_timing), resolved_config=resolved_config or {},
-              stop=stop, resume_from=resume_from, reshard=reshard)
+              stop=stop, resume_from=resume_from, reshard=reshard, data_changed=data_changed)
     checkpointing = Checkpointing(lambda: save_checkpoint(run), save_every=t.save_every,
                                   save_at_end=t.save_at_end)
     run.callbacks = CallbackList([*own, *user_callbacks, checkpointing])

@@ -1,9 +1,11 @@
-"""Elastic resume on 2 CPU ranks (ZeRO-1, -2 and -3, fp32): a checkpoint of 2 ranks continues on 1,
-and one of 1 rank on 2, through DeepSpeed's universal checkpoint, keeping the global batch (the
-accumulation adapts) and the sample order; the losses follow an uninterrupted 2-rank run to fp32
-reduction-order tolerance. Without trainer.elastic the change is refused. And the whole story on
-one machine: two torchrun "nodes" with node-local caches, one killed, the run finished on the
-other."""
+"""Elastic resume on 2 CPU ranks (fp32) through DeepSpeed's universal checkpoint, keeping the
+global batch (the accumulation adapts) and the sample order; the losses follow an uninterrupted
+2-rank run to fp32 reduction-order tolerance. ZeRO-3: a checkpoint of 2 ranks continues on 1, and
+one of 1 rank on 2. ZeRO-1 (DeepSpeed AutoEP) and ZeRO-2 (Ava's sharded layer, with the expert
+bias): a checkpoint of 2 ranks without expert parallelism continues on 2 ranks at
+expert_parallel_size=2, and that run's checkpoint on 1 rank without; every rank holds the experts
+it should, as saved. Without trainer.elastic the change is refused. And the whole story on one
+machine: two torchrun "nodes" with node-local caches, one killed, the run finished on the other."""
 
 from __future__ import annotations
 
@@ -25,7 +27,11 @@ import torch
 ELASTIC = ["trainer.micro_batch_size=4", "trainer.warmup_steps=2", "trainer.decay_steps=12",
            "trainer.save_every=4", "trainer.keep_last=3", "trainer.eval_every=0", "model.capacity_factor=null",
            "model.router_jitter=0.0", "model.aux_loss_coef=0", "model.z_loss_coef=0"]
-REL = 1e-5  # fp32: the regrouped sums round differently; measured: at most 1e-7
+REL = 1e-5  # fp32: the regrouped sums round differently; measured: at most 1e-7 (3e-7 with expert parallelism)
+# the experts of ZeRO-1's model run on DeepSpeed AutoEP at ep=2 (SwiGLU without biases), ZeRO-2's on Ava's
+# sharded layer (nano's GELU experts with biases), with the auxiliary-loss-free expert bias (a router buffer)
+EP_MODELS = {1: ["model.activation=swiglu", "model.bias=false"], 2: ["model.expert_bias=true"]}
+EP_IMPL = {1: "autoep", 2: "sharded"}
 
 
 def copy_tag(src_run: Path, step: int, dst_run: Path) -> None:
@@ -43,41 +49,93 @@ def master_weights(run_dir: Path, step: int) -> Dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_on_another_world_size(trainer, tmp_path, stage):
-    elastic = [f"deepspeed=zero{stage}", *ELASTIC]
-    reference = trainer.run(tmp_path / "ref", [*elastic, "trainer.max_steps=12"]).check().losses()
-
-    one = tmp_path / "one_rank"
-    copy_tag(tmp_path / "ref", 4, one)
-    if stage == 2:  # the refusal is the same for every stage
-        refused = trainer.run(one, [*elastic, "trainer.max_steps=8"], nproc=1)
-        assert refused.returncode != 0  # torchrun reports the rank's exit 2 as 1
-        assert "was saved by 2 rank(s) and this run has 1" in refused.output
-        assert "set trainer.elastic=true to reshard it" in refused.output
-
-    down = trainer.run(one, [*elastic, "trainer.max_steps=8", "trainer.elastic=true"], nproc=1).check()
-    assert ("elastic resume from step_00000004: world size 2 -> 1, gradient accumulation 1 -> 2, "
-            "micro-batch 4: the global batch of 8 stays") in down.output
-    assert "RNG streams re-seeded per rank from (seed 1234, step 4, rank)" in down.output
-    # the universal checkpoint holds exactly the saved master weights, every parameter of them
-    universal = one / "checkpoints" / ".universal" / "step_00000004" / "zero"
-    saved = master_weights(tmp_path / "ref", 4)
-    assert {p.name for p in universal.iterdir() if p.is_dir()} == set(saved)
+def assert_universal_holds(run_dir: Path, step: int, saved: Dict[str, torch.Tensor]) -> None:
+    """The universal checkpoint made for `run_dir`'s resume from `step` holds exactly the `saved`
+    weights, every parameter of them, in Ava's own names and layout."""
+    universal = run_dir / "checkpoints" / ".universal" / f"step_{step:08d}" / "zero"
+    held = {p.name for p in universal.iterdir() if (p / "fp32.pt").is_file()}
+    assert set(saved) <= held, sorted(set(saved) - held)
     for name, tensor in saved.items():
         fp32 = torch.load(universal / name / "fp32.pt", weights_only=False)  # DeepSpeed wrote it here
         fp32 = fp32["param"] if isinstance(fp32, dict) else fp32  # newer DeepSpeed wraps it with metadata
         assert torch.equal(fp32.view_as(tensor), tensor), name
 
+
+def refused_without_elastic(trainer, run_dir: Path, overrides: List[str]) -> None:
+    refused = trainer.run(run_dir, overrides, nproc=1)
+    assert refused.returncode != 0  # torchrun reports the rank's exit 2 as 1
+    assert "was saved by 2 rank(s) and this run has 1" in refused.output
+    assert "set trainer.elastic=true to reshard it" in refused.output
+    assert "DeepSpeed engine" not in refused.output  # refused before the engine is built
+
+
+def assert_follows(reference: Dict[int, float], *runs, first: int, last: int) -> None:
+    resumed = {step: loss for run in runs for step, loss in run.losses().items()}
+    assert sorted(resumed) == list(range(first, last + 1))
+    for step in range(first, last + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=REL), step
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size(trainer, tmp_path):
+    elastic = ["deepspeed=zero3", *ELASTIC]
+    reference = trainer.run(tmp_path / "ref", [*elastic, "trainer.max_steps=12"]).check().losses()
+
+    one = tmp_path / "one_rank"
+    copy_tag(tmp_path / "ref", 4, one)
+    down = trainer.run(one, [*elastic, "trainer.max_steps=8", "trainer.elastic=true"], nproc=1).check()
+    assert ("elastic resume from step_00000004: world size 2 -> 1, expert_parallel_size 1 -> 1, gradient "
+            "accumulation 1 -> 2, micro-batch 4: the global batch of 8 stays") in down.output
+    assert "RNG streams re-seeded per rank from (seed 1234, step 4, rank)" in down.output
+    saved = master_weights(tmp_path / "ref", 4)
+    assert_universal_holds(one, 4, saved)
+    assert {p.name for p in (one / "checkpoints" / ".universal" / "step_00000004" / "zero").iterdir()
+            if p.is_dir()} == set(saved)
+
     two = tmp_path / "two_ranks"
     copy_tag(one, 8, two)
     up = trainer.run(two, [*elastic, "trainer.max_steps=12", "trainer.elastic=true"]).check()
-    assert "world size 1 -> 2, gradient accumulation 2 -> 1" in up.output
-    resumed = {**down.losses(), **up.losses()}
-    assert sorted(resumed) == list(range(5, 13))
-    for step in range(5, 13):
-        assert resumed[step] == pytest.approx(reference[step], rel=REL), (stage, step)
+    assert "world size 1 -> 2, expert_parallel_size 1 -> 1, gradient accumulation 2 -> 1" in up.output
+    assert_follows(reference, down, up, first=5, last=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_under_another_expert_parallel_split(trainer, tmp_path, stage):
+    from ava.export.consolidate import consolidate
+
+    impl, elastic = EP_IMPL[stage], [f"deepspeed=zero{stage}", *ELASTIC, *EP_MODELS[stage]]
+    reference = trainer.run(tmp_path / "ref", [*elastic, "trainer.max_steps=12"]).check()
+
+    split = tmp_path / "ep2"  # 2 ranks, ep 1 -> 2
+    copy_tag(tmp_path / "ref", 4, split)
+    ep2 = trainer.run(split, [*elastic, "trainer.max_steps=8", "trainer.elastic=true",
+                              "trainer.expert_parallel_size=2"]).check()
+    assert ("elastic resume from step_00000004: world size 2 -> 2, expert_parallel_size 1 -> 2, gradient "
+            "accumulation 1 -> 1, micro-batch 4: the global batch of 8 stays") in ep2.output
+    assert f"expert parallel ({impl}): ep=2, rank 0 holds experts [0, 2) of 4" in ep2.output
+    assert ("elastic resume: rank 0 experts [0, 2), rank 1 experts [2, 4) of 4 in each of 2 MoE layers; their fp32 "
+            "weights and Adam moments equal the checkpoint's") in ep2.output
+    assert "re-seeded" not in ep2.output  # the same ranks: every rank's own RNG streams and loader position
+    assert_universal_holds(split, 4, master_weights(tmp_path / "ref", 4))
+
+    one = tmp_path / "one_rank"  # 2 ranks at ep=2 -> 1 rank
+    copy_tag(split, 8, one)
+    if stage == 2:  # the refusal is the same for every stage
+        refused_without_elastic(trainer, one, [*elastic, "trainer.max_steps=12"])
+    down = trainer.run(one, [*elastic, "trainer.max_steps=12", "trainer.elastic=true"], nproc=1).check()
+    assert "world size 2 -> 1, expert_parallel_size 2 -> 1, gradient accumulation 1 -> 2, micro-batch 4" in down.output
+    assert ("elastic resume: rank 0 experts [0, 4) of 4 in each of 2 MoE layers; their fp32 weights and Adam "
+            "moments equal the checkpoint's") in down.output
+    # the ep=2 checkpoint's weights as saved (the model states and every per-expert file), in Ava's layout
+    assert_universal_holds(one, 8, consolidate(split / "checkpoints", "step_00000008"))
+    assert_follows(reference.losses(), ep2, down, first=5, last=12)
+    if stage == 2:  # the expert bias (a router buffer the universal load does not restore) came along
+        biases = [consolidate(run / "checkpoints", "step_00000012") for run in (reference.run_dir, one)]
+        for layer in (0, 1):
+            name = f"layers.{layer}.moe.router.balance_bias"
+            assert float(biases[0][name].abs().max()) > 0
+            assert torch.allclose(biases[1][name], biases[0][name], rtol=0, atol=1e-6), name
 
 
 DIST_TIMEOUT_S = 30
@@ -146,8 +204,8 @@ def test_two_nodes_lose_one_and_the_run_finishes_on_the_other(trainer, tmp_path)
     end = saved + 4
     resumed = nodes.run(run_dir, [*common, f"trainer.max_steps={end}", "trainer.elastic=true"], nproc=1,
                         extra_env={"AVA_CACHE": str(caches[0])}).check()
-    assert (f"elastic resume from {tag}: world size 2 -> 1, gradient accumulation 1 -> 2, micro-batch 4: "
-            "the global batch of 8 stays") in resumed.output
+    assert (f"elastic resume from {tag}: world size 2 -> 1, expert_parallel_size 1 -> 1, gradient accumulation "
+            "1 -> 2, micro-batch 4: the global batch of 8 stays") in resumed.output
     assert f"data: reusing cache {caches[0] / 'data' / built[0][0]}" in resumed.output
     losses = resumed.losses()
     assert sorted(s for s in losses if s > saved) == list(range(saved + 1, end + 1))

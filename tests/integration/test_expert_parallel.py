@@ -1,7 +1,9 @@
 """Expert parallelism on 2 CPU ranks, both implementations (DeepSpeed AutoEP for a SwiGLU model
 it runs exactly; Ava's sharded layer on DeepSpeed's expert groups for a GELU model with biases,
 jitter, capacity and `residual` overflow): ep=2 against ep=1 with the same global batch, exact
-resume, refusal to resume under another split, export, and a rank whose experts get no tokens.
+resume, an elastic resume under another split on the same ranks (the sharded layer; both layers
+also change split with the world size in test_elastic.py) or its refusal without
+trainer.elastic, export, and a rank whose experts get no tokens.
 """
 
 from __future__ import annotations
@@ -92,9 +94,13 @@ def test_ep2_matches_ep1_and_each_rank_holds_only_its_experts(runs, impl):
     assert saved == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)]
 
 
+def _biases(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in _module_state(run_dir, 6).items() if n.endswith("balance_bias")}
+
+
 @pytest.mark.slow
 @IMPLS
-def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, impl):
+def test_ep2_resumes_exactly_and_elastically_or_refuses_another_split(runs, trainer, tmp_path, impl):
     tag = runs[impl, 2].run_dir / "checkpoints" / "step_00000003"
     ep2 = [*MODELS[impl], *COMMON, "trainer.expert_parallel_size=2"]
     resumed = trainer.run(tmp_path / "resumed", [*ep2, f"trainer.resume='{tag}'"])
@@ -102,12 +108,24 @@ def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, 
     assert "resuming from step_00000003 at step 3" in resumed.output
     assert resumed.losses() == {s: loss for s, loss in runs[impl, 2].losses().items() if s > 3}
     if impl == "sharded":  # the expert bias (a buffer moved after every step) resumed bit for bit
-        biases = [{n: t for n, t in _module_state(r.run_dir, 6).items() if n.endswith("balance_bias")}
-                  for r in (resumed, runs[impl, 2])]
+        biases = [_biases(r.run_dir) for r in (resumed, runs[impl, 2])]
         assert sorted(biases[0]) == ["layers.0.moe.router.balance_bias", "layers.1.moe.router.balance_bias"]
         assert all(torch.equal(biases[0][n], biases[1][n]) for n in biases[1])
         assert any(float(t.abs().max()) > 0 for t in biases[1].values())
-    if impl != "autoep":
+
+        # the same ranks at ep=1 (trainer.elastic): each rank's loader position and RNG streams are its own, so
+        # even capacity drops and router jitter continue as in the uninterrupted runs
+        ep1 = trainer.run(tmp_path / "ep1", [*MODELS[impl], *COMMON, "trainer.expert_parallel_size=1",
+                                              "trainer.elastic=true", f"trainer.resume='{tag}'"]).check()
+        assert ("elastic resume from step_00000003: world size 2 -> 2, expert_parallel_size 2 -> 1, gradient "
+                "accumulation 1 -> 1") in ep1.output
+        assert ("elastic resume: rank 0 experts [0, 4), rank 1 experts [0, 4) of 4 in each of 2 MoE layers; their "
+                "fp32 weights and Adam moments equal the checkpoint's") in ep1.output
+        for step, loss in ep1.losses().items():
+            assert math.isclose(loss, runs[impl, 2].losses()[step], rel_tol=LOSS_RTOL), step
+        assert sorted(ep1.losses()) == [4, 5, 6]
+        for name, bias in _biases(runs[impl, 2].run_dir).items():
+            assert torch.allclose(_biases(ep1.run_dir)[name], bias, rtol=0, atol=1e-6), name
         return  # the refusal is the trainer's, the same for both: run once
 
     # the deepspeed launcher: torchrun prints a traceback of its own when a rank exits non-zero
@@ -115,7 +133,9 @@ def test_ep2_resumes_exactly_and_refuses_another_split(runs, trainer, tmp_path, 
                         launcher="deepspeed")
     assert other.returncode != 0
     assert (f"checkpoint {tag} was saved with trainer.expert_parallel_size=2 and this run has 1: each rank's "
-            "experts and optimizer shards follow that split.") in other.output
+            "experts and optimizer shards follow that split. Relaunch with trainer.expert_parallel_size=2, set "
+            "trainer.elastic=true to reshard it") in other.output
+    assert "DeepSpeed engine" not in other.output  # refused before the engine is built
     assert "Traceback" not in other.output
 
 
