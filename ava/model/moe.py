@@ -73,6 +73,12 @@ def slot_order(assignment: Assignment, num_experts: int) -> tuple[torch.Tensor, 
     return key_A, torch.argsort(key_A, stable=True)
 
 
+# Not traced by torch.compile: the loop backend hands the per-expert counts to Python as ints,
+# so a traced loop is specialised on each routing decision (a recompilation nearly every step,
+# until dynamo's recompile limit sends it back to eager); and `torch._grouped_mm`'s shape
+# function admits bf16 only, so the grouped path cannot be traced in fp32. A compiled region
+# around this (a block, a whole model) stops here and runs it eagerly.
+@torch.compiler.disable
 def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Experts) -> torch.Tensor:
     """Sort the T·K (token, expert) slots by expert, run each expert on its rows, and weight +
     sum them back per token (`model.expert_backend`: one grouped matmul per projection, or the
