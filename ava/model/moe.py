@@ -175,10 +175,17 @@ class MoELayer(nn.Module):
         self.residual = DenseFFN(cfg) if cfg.overflow == "residual" else None
         self.shared = SharedExperts(cfg) if cfg.shared_experts else None
 
+    # Not traced by torch.compile: a trace would be guarded on this layer's index and on the
+    # collector's contents, which differ from layer to layer (a recompilation per layer, past
+    # dynamo's limit of 8 in deeper models), so the one compiled block would not serve them all.
+    @torch.compiler.disable
+    def report(self, stats: RouterStats) -> None:
+        self.collector.record(self.layer_index, stats)
+
     def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training, x_BLH.shape[-2])
-        self.collector.record(self.layer_index, stats)
+        self.report(stats)
         y_TH = dispatch_combine(x_TH, assignment, self.experts)
         y_TH = add_residual(y_TH, x_TH, assignment, self.residual)
         return add_shared(y_TH, x_TH, self.shared).view_as(x_BLH)

@@ -1,14 +1,15 @@
 """`trainer.compile`: `torch.compile` each transformer block, the way torchtitan compiles per layer.
 
 Per block rather than the whole model: the blocks are one class, so dynamo traces the first and
-the others reuse its graphs (compile time does not grow with depth), and what surrounds them (the
-embedding, the chunked LM head + loss, the routing statistics' bookkeeping) stays eager Python.
-Inside a block everything is compiled (norms, attention, router, capacity, balance losses,
-shared/dense FFNs) except the token dispatch and the experts themselves,
-`ava.model.moe.dispatch_combine`, which the model marks `torch.compiler.disable`: the loop
-backend's per-expert counts are Python ints that a trace would be specialised on (a
-recompilation at almost every routing decision), and the grouped kernel's shape function admits
-bf16 only. So one step runs a fixed set of graphs whatever the routing.
+the others reuse its graphs (4 graphs for nano, 2 or 10 layers alike), and what surrounds them
+(the embedding, the chunked LM head + loss) stays eager Python. Inside a block everything is
+compiled (norms, attention, router, capacity, balance losses, shared/dense FFNs) except two
+things the model marks `torch.compiler.disable`: the token dispatch and the experts themselves
+(`ava.model.moe.dispatch_combine`: the loop backend's per-expert counts are Python ints that a
+trace would be specialised on, a recompilation at almost every routing decision, and the grouped
+kernel's shape function admits bf16 only), and the hand-over of the routing statistics to the
+model's collector (`MoELayer.report`: traced, it would be guarded on the layer's index). So one
+step runs a fixed set of graphs whatever the routing and the depth.
 
 Only the block's `forward` is compiled, in place (parameter names, `isinstance` and checkpoints
 unchanged), not its `__call__`: module hooks such as DeepSpeed ZeRO-3's parameter gathering run

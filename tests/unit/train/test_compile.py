@@ -68,7 +68,8 @@ def test_compiled_blocks_train_like_eager_and_never_recompile():
     for step in range(STEPS + 1):
         ids, labels = _batch(gen, cfg.vocab_size)
         before = graphs_compiled()
-        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+        # from the first step: every block after the first must reuse its graphs, not recompile
+        with torch._dynamo.config.patch(error_on_recompile=True):
             outs = [m(ids, labels=labels) for m in (eager, compiled)]
             for out in outs:
                 out.loss.backward()
