@@ -36,9 +36,10 @@ BACKEND = "inductor"  # torch.compile's default, and what runs on CPU and GPU al
 
 
 def compile_blocks(model: nn.Module, *, backend: str = BACKEND, mode: Optional[str] = None) -> int:
-    """Compile the `forward` of each of `model.layers` (an `AvaForCausalLM`, or the engine's
-    module) in place; returns the number of blocks compiled. Compilation itself happens on the
-    first call. A block compiled already is left as it is (not counted)."""
+    """Compile the `forward` of each of `model.layers` in place (an `AvaForCausalLM`, the engine's
+    module, or any model whose `layers` are its blocks, such as `transformers`' `MixtralModel`);
+    returns the number of blocks compiled. Compilation itself happens on the first call. A block
+    compiled already is left as it is (not counted)."""
     compiled = 0
     for block in model.layers:
         if "forward" in vars(block):  # an instance attribute: compiled by an earlier call
@@ -58,8 +59,8 @@ def zero3_leaf_blocks(model: nn.Module) -> int:
 
 
 def graphs_compiled() -> int:
-    """Graphs dynamo has compiled in this process so far (all regions, forward and backward
-    counted once per traced frame)."""
+    """Graphs dynamo has traced in this process so far, every compiled region included (the
+    backward graphs AOT autograd derives from them are not counted apart)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

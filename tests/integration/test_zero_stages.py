@@ -26,7 +26,7 @@ SAME_GLOBAL_BATCH = [
 RTOL = 2e-5
 
 # ZeRO-3 runs with its blocks compiled (inductor) and checkpointed, against the eager, plain
-# single process: the compiled graphs differ from eager by fp32 rounding only (measured: <= 1e-7
+# single process: the compiled graphs differ from eager by fp32 rounding only (measured: <= 2e-7
 # relative over 6 steps at every stage, single process), so the same tolerance holds, and the
 # one 2-rank run proves trainer.compile under the stage that gathers parameters in hooks.
 EXTRA = {3: ["trainer.compile=true", "model.activation_checkpointing=true"]}
