@@ -81,6 +81,10 @@ class CompileWatch(Callback):
         self.recompiled_steps: list[int] = []
         self._graphs = 0
         self._start = 0.0
+        self._at_start = 0
+
+    def on_train_start(self, state: TrainState) -> None:
+        self._at_start = graphs_compiled()
 
     def pre_step(self, state: TrainState) -> None:
         self._graphs, self._start = graphs_compiled(), time.perf_counter()
@@ -89,9 +93,11 @@ class CompileWatch(Callback):
         seconds, new = time.perf_counter() - self._start, graphs_compiled() - self._graphs
         if self.first_step_s is None:
             self.first_step_s = seconds
+            before = self._graphs - self._at_start  # eval mode (`trainer.eval_at_start`) has its own graphs
             if state.rank == 0:
                 log.info("torch.compile: the first training step took %.1fs, including compiling %d "
-                         "graphs for %d blocks", seconds, new, self.blocks)
+                         "graphs for %d blocks%s", seconds, new, self.blocks,
+                         f" (and {before} for the evaluation before it)" if before else "")
             return
         if len(self.later_steps_s) < 100:  # the median of the first hundred is estimate enough
             self.later_steps_s.append(seconds)
