@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--single-thread", action=argparse.BooleanOptionalAction, default=True,
                        help="on a CPU, time one thread as well as all of them (default: on)")
     train.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    train.add_argument("--compile", action="store_true",
+                       help="also Ava and the grouped-experts peer with each block torch.compiled (trainer.compile)")
     train.add_argument("override", nargs="*", help="model overrides key=value (e.g. num_layers=4)")
 
     ep = sub.add_parser("ep", parents=[common], help="training throughput at expert-parallel size 1 vs 2 (torchrun)")
@@ -140,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     thread_counts = [threads, 1] if device.type == "cpu" and args.single_thread else [threads]
     payload = train_bench.run_train(args.preset, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
                                     device=device, dtype=dtype, overrides=overrides, seed=args.seed,
-                                    reduced=args.reduced, thread_counts=thread_counts)
+                                    reduced=args.reduced, thread_counts=thread_counts, compile=args.compile)
     payload = {"benchmark": "train", "environment": tbl.environment(device, threads), **payload,
                "seconds": time.time() - started}
     tbl.write_json(args.out, payload)

@@ -100,6 +100,9 @@ def train_table(payload: dict[str, Any]) -> Table:
     others = sorted(payload.get("other_threads", {}), key=int)
     cols = ["model", "step ms (median±IQR/2)", "forward", "backward", "optimizer", "tokens/s",
             "TFLOP/s" if gpu else "GFLOP/s", "of matmul", "MFU", "peak step MiB", "loss@0", "vs HF"]
+    compiled = any("compile_s" in r for r in payload["results"].values())
+    if compiled:  # `--compile`: what compiling costs once and gains per step
+        cols += ["compile s", "vs eager"]
     for t in others:
         cols += [f"tokens/s {t} thr", f"vs HF {t} thr"]
     for col in cols:
@@ -117,6 +120,8 @@ def train_table(payload: dict[str, Any]) -> Table:
             f"{r['peak_step_bytes'] / 2**20:,.0f}", f"{r['loss_step0']:.5f}",
             f"{r['tokens_per_s'] / base:.2f}x" if base else "—",
         ]
+        if compiled:
+            cells += [f"{r['compile_s']:.1f}", f"{r['speedup_vs_eager']:.2f}x"] if "compile_s" in r else ["—", "—"]
         for t in others:
             res = payload["other_threads"][t]["results"]
             cells += [f"{res[name]['tokens_per_s']:.0f}",

@@ -1,8 +1,16 @@
 """`ava-bench train`: one full training step (forward, backward, AdamW) of Ava's `AvaForCausalLM`
-against `transformers`' `MixtralForCausalLM` of identical dimensions, batch and optimizer."""
+against `transformers`' `MixtralForCausalLM` of identical dimensions, batch and optimizer.
+
+`compile`: a copy of Ava and of the grouped-experts peer with each decoder block compiled the
+way `trainer.compile` does it (`ava.train.compile.compile_blocks`) times beside the eager models,
+`<name>_compiled`, with the compile time (the first step less the median) as its own figure.
+Inductor's CPU code is specialised on the thread count, so the first warm-up step at the second
+thread count compiles again (warm-up steps are not timed).
+"""
 
 from __future__ import annotations
 
+import copy
 import re
 import statistics
 from typing import Any, Optional, Sequence
@@ -89,7 +97,7 @@ def make_batch(vocab: int, batch: int, seq_len: int, device: torch.device, seed:
 
 def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to train on, language-model loss to compare)."""
-    if name == "ava":
+    if name.startswith("ava"):
         out = model(batch["ids"], labels=batch["ava_labels"])
         return out.loss, out.lm_loss
     out = model(input_ids=batch["ids"], labels=batch["hf_labels"])
@@ -98,10 +106,11 @@ def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
               dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0,
-              reduced: bool = False, thread_counts: Sequence[int] = ()) -> dict[str, Any]:
+              reduced: bool = False, thread_counts: Sequence[int] = (), compile: bool = False) -> dict[str, Any]:
     """The preset at its own dimensions (`reduced`: `REDUCED`'s quick shape), timed at each of
     `thread_counts` (CPU; the first is the headline, default the current count) against the
-    matmul rate measured at that count, plus each model's peak step memory at the first."""
+    matmul rate measured at that count, plus each model's peak step memory at the first;
+    `compile`: compiled copies of `ava` and `hf` as well (module docstring)."""
     overrides = {**SAME_FUNCTION, **(REDUCED if reduced else {}), **(overrides or {})}
     overrides["max_seq_len"] = max(int(overrides.get("max_seq_len", seq_len)), seq_len)
     cfg = model_preset(preset, **overrides)
@@ -122,21 +131,27 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
             status[name] = f"transformers not installed ({exc})"
     for m in models.values():
         m.to(device=device, dtype=dtype).train()
+    if compile:
+        models.update(compiled_twins(models))
     data = make_batch(cfg.vocab_size, batch, seq_len, device, seed)
 
-    # step 0 with identical weights: the same language-model loss
+    # step 0 with identical weights: the same language-model loss (a compiled model's is its first
+    # training step's, so that no inference graphs are compiled besides the training ones)
     loss0 = {}
     for name, m in models.items():
-        with torch.no_grad():
-            loss0[name] = float(_loss(name, m, data)[1])
+        if not name.endswith(COMPILED):
+            with torch.no_grad():
+                loss0[name] = float(_loss(name, m, data)[1])
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1) for name, m in models.items()}
 
     def step(name: str) -> dict[str, float]:
         sw = Stopwatch(device)
         opts[name].zero_grad(set_to_none=True)
         sw.mark("start")
-        loss, _ = _loss(name, models[name], data)
+        loss, lm_loss = _loss(name, models[name], data)
         sw.mark("forward")
+        if name not in loss0:  # a compiled model's first step
+            loss0[name] = float(lm_loss)
         loss.backward()
         sw.mark("backward")
         opts[name].step()
@@ -148,6 +163,7 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
     initial_threads = torch.get_num_threads()
     by_threads: dict[int, dict[str, Any]] = {}
     memory: dict[str, int] = {}
+    first_ms: dict[str, float] = {}  # each model's first step: a compiled model compiles in it
     try:
         for i, threads in enumerate(counts):
             torch.set_num_threads(threads)
@@ -155,6 +171,8 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
             phases: dict[str, list[dict[str, float]]] = {name: [] for name in models}
             for n in range(warmup + steps):
                 now = {name: step(name) for name in models}  # interleaved: load from elsewhere hits all alike
+                for name, phase in now.items():
+                    first_ms.setdefault(name, sum(phase.values()))
                 for name, phase in now.items():
                     if n >= warmup:
                         phases[name].append(phase)
@@ -170,12 +188,17 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
 
     headline = by_threads[counts[0]]
     results: dict[str, Any] = {}
-    for name in ("ava", "hf", "hf_eager"):
+    names = ("ava", "ava_compiled", "hf", "hf_compiled", "hf_eager")  # each compiled row under its eager one
+    for name in (n for n in names if compile or not n.endswith(COMPILED)):
         if name not in models:
             results[name] = {"status": status.get(name, "not run")}
             continue
         results[name] = {**headline["results"][name], "loss_step0": loss0[name], "peak_step_bytes": memory[name],
                          "parameters": sum(p.numel() for p in models[name].parameters())}
+        if name.endswith(COMPILED):
+            eager = results[name.removesuffix(COMPILED)]
+            results[name]["compile_s"] = (first_ms[name] - results[name]["step_ms"]) / 1e3
+            results[name]["speedup_vs_eager"] = results[name]["tokens_per_s"] / eager["tokens_per_s"]
     payload: dict[str, Any] = {
         "preset": preset, "reduced": reduced, "overrides": overrides, "batch": batch, "seq_len": seq_len,
         "dtype": str(dtype).split(".")[-1], "dims": _dims(cfg), "flops_per_token": fpt, "peak_flops": peak,
@@ -192,6 +215,24 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
         payload["memory_ratio"] = {n: results["ava"]["peak_step_bytes"] / results[n]["peak_step_bytes"]
                                    for n in models if n != "ava"}
     return payload
+
+
+COMPILE = ("ava", "hf")  # hf_eager, transformers' per-expert loop, breaks its graph at every expert
+COMPILED = "_compiled"
+
+
+def compiled_twins(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """`<name>_compiled`: a copy of each of `COMPILE` with its decoder blocks compiled in place
+    (Ava's `layers`, Mixtral's `model.layers`), the same weights."""
+    from ava.train.compile import compile_blocks
+
+    twins = {}
+    for name in COMPILE:
+        if name in models:
+            twin = copy.deepcopy(models[name])
+            compile_blocks(twin if name == "ava" else twin.model)
+            twins[f"{name}{COMPILED}"] = twin
+    return twins
 
 
 def _summary(phases: list[dict[str, float]], tokens: int, flops_per_token: float, peak: Optional[float],

@@ -141,6 +141,9 @@ class TrainerConfig:
     elastic: bool = False
     dist_timeout_s: int = 1800  # process-group timeout: a lost rank ends the run within this
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # torch.compile each transformer block (ava/train/compile.py); null: on for GPUs, off on CPUs,
+    # where it does not pay (README, Performance)
+    compile: Optional[bool] = None
     # glibc malloc_trim after every this many steps (0: never): the freed, routing-shaped
     # activations of a step go back to the OS instead of piling up (ava/train/host_memory.py)
     trim_host_memory_every: int = 1

@@ -42,7 +42,10 @@ def _rank_within_expert(expert_A: torch.Tensor, priority_A: torch.Tensor, num_ex
     """Rank of each assignment among those of its expert, by (-priority, position)."""
     by_priority = torch.argsort(-priority_A, stable=True)
     order = by_priority[torch.argsort(expert_A[by_priority], stable=True)]
-    counts = torch.bincount(expert_A, minlength=num_experts)
+    # a scatter, not bincount: bincount's output size depends on the data (a host sync on GPUs,
+    # a graph break under torch.compile)
+    counts = torch.zeros(num_experts, dtype=expert_A.dtype, device=expert_A.device).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A))
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(expert_A.numel(), device=expert_A.device) - starts[expert_A[order]]
     rank = torch.empty_like(rank_sorted)

@@ -73,6 +73,12 @@ def slot_order(assignment: Assignment, num_experts: int) -> tuple[torch.Tensor, 
     return key_A, torch.argsort(key_A, stable=True)
 
 
+# Not traced by torch.compile: the loop backend hands the per-expert counts to Python as ints,
+# so a traced loop is specialised on each routing decision (a recompilation nearly every step,
+# until dynamo's recompile limit sends it back to eager); and `torch._grouped_mm`'s shape
+# function admits bf16 only, so the grouped path cannot be traced in fp32. A compiled region
+# around this (a block, a whole model) stops here and runs it eagerly.
+@torch.compiler.disable
 def dispatch_combine(x_TH: torch.Tensor, assignment: Assignment, experts: Experts) -> torch.Tensor:
     """Sort the T·K (token, expert) slots by expert, run each expert on its rows, and weight +
     sum them back per token (`model.expert_backend`: one grouped matmul per projection, or the
@@ -169,10 +175,17 @@ class MoELayer(nn.Module):
         self.residual = DenseFFN(cfg) if cfg.overflow == "residual" else None
         self.shared = SharedExperts(cfg) if cfg.shared_experts else None
 
+    # Not traced by torch.compile: a trace would be guarded on this layer's index and on the
+    # collector's contents, which differ from layer to layer (a recompilation per layer, past
+    # dynamo's limit of 8 in deeper models), so the one compiled block would not serve them all.
+    @torch.compiler.disable
+    def report(self, stats: RouterStats) -> None:
+        self.collector.record(self.layer_index, stats)
+
     def forward(self, x_BLH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BLH.reshape(-1, x_BLH.shape[-1])
         assignment, stats = route(self.router, self.cfg, x_TH, self.training, x_BLH.shape[-2])
-        self.collector.record(self.layer_index, stats)
+        self.report(stats)
         y_TH = dispatch_combine(x_TH, assignment, self.experts)
         y_TH = add_residual(y_TH, x_TH, assignment, self.residual)
         return add_shared(y_TH, x_TH, self.shared).view_as(x_BLH)

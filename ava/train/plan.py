@@ -28,6 +28,7 @@ class TrainPlan:
     accum: int  # gradient accumulation steps
     world_size: int
     expert_parallel: Optional[str]  # None (ep = 1), "autoep" or "sharded"
+    compile: bool = False  # torch.compile each block (`trainer.compile`, resolved)
 
     @property
     def zero_stage(self) -> int:
@@ -72,6 +73,33 @@ def check_precision(precision: str) -> None:
                     "matmuls run ~100x slower than fp32 here; consider trainer.precision=fp32")
 
 
+def resolve_compile(trainer: TrainerConfig) -> bool:
+    """`trainer.compile=null`: on for accelerators, off on CPUs (where it does not pay: README,
+    Performance) and with expert parallelism; `true` is checked for what it needs."""
+    if trainer.compile is None:
+        return distributed.accelerator_name() != "cpu" and trainer.expert_parallel_size == 1
+    if trainer.compile and trainer.expert_parallel_size > 1:
+        raise ConfigError(
+            f"trainer.compile=true cannot be combined with trainer.expert_parallel_size="
+            f"{trainer.expert_parallel_size}: the expert-parallel layers exchange tokens with "
+            "collectives inside the block that a compiled block cannot trace; use trainer.compile=false")
+    if trainer.compile and distributed.accelerator_name() == "cpu":
+        check_cpp_compiler()
+    return trainer.compile
+
+
+def check_cpp_compiler() -> None:
+    """On CPUs, inductor compiles the graphs as C++: without a compiler the run would fail at
+    its first step, after the data preparation."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor's InvalidCxxCompiler names what it searched for
+        raise ConfigError(f"trainer.compile=true on a CPU needs a C++ compiler (torch.compile's "
+                          f"inductor backend builds the graphs as C++): {exc}".strip()) from exc
+
+
 def make_plan(trainer: TrainerConfig, ds: DeepSpeedConfig, model: ModelConfig,
               world_size: int) -> TrainPlan:
     """The validated plan for `world_size` ranks (raises `ConfigError` naming the setting)."""
@@ -86,4 +114,4 @@ def make_plan(trainer: TrainerConfig, ds: DeepSpeedConfig, model: ModelConfig,
     return TrainPlan(ds_config=config, optimizer_impl=impl,
                      micro=int(config["train_micro_batch_size_per_gpu"]),
                      accum=int(config["gradient_accumulation_steps"]), world_size=world_size,
-                     expert_parallel=ep_impl)
+                     expert_parallel=ep_impl, compile=resolve_compile(trainer))

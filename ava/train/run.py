@@ -32,6 +32,7 @@ from ava.observe.throughput import StepTimer, ThroughputMonitor, device_peak_tfl
 from ava.train import partitioned
 from ava.train.checkpoint import CheckpointManager, seed_everything
 from ava.train.checkpointing import Checkpointing, save_checkpoint
+from ava.train.compile import CompileWatch, compile_blocks, zero3_leaf_blocks
 from ava.train.elastic import Reshard, adapted, plan_reshard
 from ava.train.engine import build_engine
 from ava.train.evaluate import Evaluator
@@ -180,6 +181,11 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
              f"{shapes.num_parameters():,}", f"{shapes.num_parameters(active_only=True):,}",
              flops_per_token / 1e9)
     seed_everything(cfg.seed + rank)  # independent streams per rank from here on
+    if plan.compile:  # before the engine: ZeRO-3 registers its hooks by the leaf flags
+        if plan.zero_stage == 3:
+            zero3_leaf_blocks(model)
+        log.info("trainer.compile: %d transformer blocks compiled with torch.compile on their first "
+                 "call (the experts' dispatch stays eager)", compile_blocks(model))
     engine = build_engine(model, t, plan)
     faults = FaultInjector(t.health.inject, rank)
     faults.attach(engine.module)
@@ -198,6 +204,8 @@ def build_run(cfg: AvaConfig, run_dir: Path, *, plan: Optional[TrainPlan] = None
         HostMemoryTrim(t.trim_host_memory_every),  # first: the monitor then reads what the step keeps
         MemoryMonitor(m.memory_warn_fraction, engine.device),
     ]
+    if plan.compile:
+        own.append(CompileWatch(len(model.layers)))
     if cfg.model.expert_bias:
         own.append(expert_bias_callback(engine.module, cfg.model.moe_layers, cfg.model.bias_update_rate,
                                         engine.device))

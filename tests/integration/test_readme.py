@@ -134,6 +134,8 @@ COMMANDS: Dict[str, How] = {
     "ava-bench train --quick --out train.json": How(covered_by="tests/unit/bench/test_cli.py"),
     "ava-bench train --out train.json": How(covered_by="tests/unit/bench/test_cli.py",
                                             why="the same code path at --quick's sizes; the preset takes ~11 min"),
+    "ava-bench train --reduced --compile": How(covered_by="tests/unit/bench/test_cli.py",
+                                               why="--compile at --quick's sizes; this takes ~4.5 min"),
     # --- Development
     "ruff check .": How(expect="All checks passed!", in_repo=True),
     "python -m pytest tests/unit": How(covered_by=".ci/run", why="the suite itself"),

@@ -69,17 +69,24 @@ def test_moe_quick_writes_json_and_prints_table_last(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_train_quick_losses_agree_at_step_zero(tmp_path):
-    data, stdout = _bench(tmp_path, "train", "--quick")
+    """With `--compile` (+4-7 s here with a warm inductor cache): the compiled rows beside the
+    eager ones, the same step-0 loss, and their compile time."""
+    data, stdout = _bench(tmp_path, "train", "--quick", "--compile")
     _check_environment(data["environment"])
-    assert data["loss_abs_diff_step0"] < 1e-5
-    for name in ("ava", "hf", "hf_eager"):
-        r = data["results"][name]
+    assert data["loss_abs_diff_step0"] < 1e-5  # every model, compiled ones included, vs Ava eager
+    assert list(data["results"]) == ["ava", "ava_compiled", "hf", "hf_compiled", "hf_eager"]
+    for name, r in data["results"].items():
         assert r["status"] == "ok"
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_s"] > 0
         assert {"forward_ms", "backward_ms", "optimizer_ms"} <= set(r)
         assert r["peak_step_bytes"] > 0 and r["matmul_fraction"] > 0
+        assert ("compile_s" in r) == name.endswith("_compiled")
+        if "compile_s" in r:
+            assert r["speedup_vs_eager"] > 0
     assert data["threads"] == 1 and data["other_threads"] == {}  # --threads 1: one column, not two
-    assert data["matmul_flops_per_s"] > 0 and set(data["memory_ratio"]) == {"hf", "hf_eager"}
+    assert data["matmul_flops_per_s"] > 0
+    assert set(data["memory_ratio"]) == {"ava_compiled", "hf", "hf_compiled", "hf_eager"}
+    assert "compile s" in stdout
     assert any("step 2/3" in line for line in stdout.splitlines())  # progress while it runs
     assert data["results"]["ava"]["parameters"] == data["results"]["hf"]["parameters"]
     assert "ava-bench train" in stdout
