@@ -134,6 +134,8 @@ COMMANDS: Dict[str, How] = {
     "ava-bench train --quick --out train.json": How(covered_by="tests/unit/bench/test_cli.py"),
     "ava-bench train --out train.json": How(covered_by="tests/unit/bench/test_cli.py",
                                             why="the same code path at --quick's sizes; the preset takes ~11 min"),
+    "ava-bench gpu --dry-run --out gpu.json": How(covered_by="tests/unit/bench/test_gpu_bench.py",
+                                                  why="run there with --threads 1 and a scratch --workdir"),
     # --- Development
     "ruff check .": How(expect="All checks passed!", in_repo=True),
     "python -m pytest tests/unit": How(covered_by=".ci/run", why="the suite itself"),
