@@ -1,4 +1,4 @@
-"""`ava-bench moe|train|ep [--quick|--full] [--out FILE.json] [--threads N]`: tables printed last."""
+"""`ava-bench moe|train|ep|gpu [--quick|--full|--dry-run] [--out FILE.json] [--threads N]`: tables printed last."""
 
 from __future__ import annotations
 
@@ -53,10 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--seq-len", type=int, default=256)
     ep.add_argument("--quick", action="store_true", help="the nano model and 2 steps (smoke tests)")
     ep.add_argument("override", nargs="*", help="model overrides key=value (e.g. num_layers=4)")
+
+    from ava.bench.gpu_bench import PARTS
+
+    gpu = sub.add_parser("gpu", help="one GPU, one call under 8 minutes: the MoE sweep, the base preset's step "
+                                     "with MFU (compile off and on) and the main job under ZeRO-2, in bf16")
+    gpu.add_argument("--dry-run", action="store_true",
+                     help="the same parts at tiny sizes (on the CPU when there is no GPU): a rehearsal in seconds")
+    gpu.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    gpu.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    gpu.add_argument("--workdir", default=None,
+                     help="the parts' logs, the main job's run directory and data cache (default: a new temp dir)")
+    gpu.add_argument("--out", help="write results as JSON to this file")
+    gpu.add_argument("--device", default=None, help="cuda (default when available) or cpu (--dry-run only)")
+    gpu.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every part")
+    gpu.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """Peers log at import and init (DeepSpeed, transformers); the table is what matters."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
@@ -67,7 +82,11 @@ def _quiet() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet()
+    quiet()
+    if args.command == "gpu":
+        from ava.bench import gpu_bench
+
+        return gpu_bench.main(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,8 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.repeats if args.repeats is not None else (2 if args.quick else 6)
     if args.quick:
-        overrides = {"hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_layers": 1, "vocab_size": 512,
-                     **overrides}
+        overrides = {**train_bench.QUICK, **overrides}
         batch, seq_len = 2, 32
     thread_counts = [threads, 1] if device.type == "cpu" and args.single_thread else [threads]
     payload = train_bench.run_train(args.preset, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,

@@ -7,21 +7,26 @@ import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 
+def versions(packages: Sequence[str]) -> dict[str, Optional[str]]:
+    """Installed version of each package (None: not installed)."""
+    out: dict[str, Optional[str]] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     """Device, thread count and library versions, recorded with every result."""
-    versions = {}
-    for pkg in ("torch", "deepspeed", "transformers", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -36,7 +41,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     return {
         "device": str(device), "device_name": name, "torch_threads": threads, "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(), "versions": versions,
+        "python": platform.python_version(), "versions": versions(("torch", "deepspeed", "transformers", "numpy")),
     }
 
 
@@ -155,6 +160,36 @@ def ep_table(payload: dict[str, Any]) -> Table:
                       f"{r['step_min_ms']:.0f}–{r['step_max_ms']:.0f}",
                       f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / base:.2f}x" if base else "—",
                       f"{r['expert_params_per_rank']:,}", f"{r['losses'][0]:.5f}")
+    return table
+
+
+def gpu_table(payload: dict[str, Any]) -> Table:
+    """`ava-bench gpu`'s rows (`gpu_bench.rows`): one per measured thing, a failed part's error."""
+    env = payload["environment"]
+    gpu = env["device"].startswith("cuda")
+    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+    peak = payload.get("peak_flops")
+    title = (f"ava-bench gpu{' --dry-run' if payload['dry_run'] else ''} — {env['device_name']}, torch "
+             f"{env['versions'].get('torch')}, {payload['dtype']}, "
+             f"MFU against {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'no known peak'}, {payload['seconds']:.0f} s")
+    table = Table(title=title, title_justify="left")
+    for col in ("part", "row", "ms", "tokens/s", unit, "MFU", "vs transformers", "notes"):
+        table.add_column(col, justify="left" if col in ("part", "row", "notes") else "right",
+                         no_wrap=col not in ("notes", "row"))
+
+    def num(value: Optional[float], fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
+    for r in payload["rows"]:
+        table.add_row(r["part"], r["row"], num(r["ms"], ",.2f"), num(r["tokens_per_s"], ",.0f"),
+                      num(None if r["flops_per_s"] is None else r["flops_per_s"] / scale, ",.1f"),
+                      num(r["mfu"], ".1%"), num(r["vs_transformers"], ".2f") + ("x" if r["vs_transformers"] else ""),
+                      r["notes"])
+    parts = payload["parts"]
+    table.caption = ("; ".join(f"{name} {p['seconds']:.0f}/{p['cap_s']} s" for name, p in parts.items())
+                     + f". {payload['dtype_note']}. moe: fwd+bwd of one layer, ms median, TFLOP/s of the expert "
+                       "matmuls; vs transformers: its time over Ava's (moe) or Ava's tokens/s over its (steps)")
+    table.caption_justify = "left"
     return table
 
 

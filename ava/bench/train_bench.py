@@ -22,25 +22,26 @@ from ava.bench.timing import Stopwatch, matmul_rate, peak_memory
 from ava.config import IGNORE_INDEX, ModelConfig, model_preset
 from ava.hf.layouts import ava_to_mixtral, mixtral_incompatibilities
 from ava.model.transformer import AvaForCausalLM
-
-# Dense bf16 peak tensor FLOP/s (no sparsity) by device-name substring; first match wins.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12,
-}
+from ava.observe.throughput import peak_tflops
 
 # `--reduced`: the preset's width, fewer layers and a smaller vocabulary (a step in ~1 s on a CPU).
 # What MixtralForCausalLM computes: no router jitter, and dropless (a capacity that drops a slot
 # makes Ava's step another function; measured: mini_mixtral's step-0 loss differed by 4.4e-4)
 SAME_FUNCTION = {"router_jitter": 0.0, "capacity_factor": None}
 REDUCED = {"num_layers": 2, "vocab_size": 4096, "max_seq_len": 512}
+# `--quick` (and `ava-bench gpu --dry-run`): a model of one narrow layer, steps in milliseconds
+QUICK = {"hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_layers": 1, "vocab_size": 512}
+
+
+PEERS = ("hf", "hf_eager")  # MixtralForCausalLM with its grouped experts, and with its eager loop
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak in FLOP/s (`ava.observe.throughput`'s table), None on a CPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 def hf_mixtral(cfg: ModelConfig, experts_implementation: str = "grouped_mm") -> nn.Module:
@@ -106,25 +107,32 @@ def _loss(name: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
               dtype: torch.dtype, overrides: Optional[dict[str, Any]] = None, seed: int = 0,
-              reduced: bool = False, thread_counts: Sequence[int] = (), compile: bool = False) -> dict[str, Any]:
+              reduced: bool = False, thread_counts: Sequence[int] = (), peers: Sequence[str] = PEERS,
+              compile: bool = False) -> dict[str, Any]:
     """The preset at its own dimensions (`reduced`: `REDUCED`'s quick shape), timed at each of
     `thread_counts` (CPU; the first is the headline, default the current count) against the
-    matmul rate measured at that count, plus each model's peak step memory at the first;
-    `compile`: compiled copies of `ava` and `hf` as well (module docstring)."""
+    matmul rate measured at that count, plus each model's peak step memory at the first.
+
+    `peers`: which of `PEERS` run beside Ava; `compile`: compiled copies of Ava and of the grouped
+    peer as well (module docstring)."""
     overrides = {**SAME_FUNCTION, **(REDUCED if reduced else {}), **(overrides or {})}
     overrides["max_seq_len"] = max(int(overrides.get("max_seq_len", seq_len)), seq_len)
     cfg = model_preset(preset, **overrides)
     problems = mixtral_incompatibilities(cfg)
     torch.manual_seed(seed)
-    ava = AvaForCausalLM(cfg)
+    with device:  # initialised where it runs: a billion parameters are drawn in seconds on a GPU
+        ava = AvaForCausalLM(cfg)
     models: dict[str, nn.Module] = {"ava": ava}
     status: dict[str, str] = {}
     for name, impl in (("hf", "grouped_mm"), ("hf_eager", "eager")):
+        if name not in peers:
+            continue
         if problems:
             status[name] = "not expressible as MixtralForCausalLM: " + "; ".join(problems)
             continue
         try:
-            hf = hf_mixtral(cfg, impl)
+            with device:
+                hf = hf_mixtral(cfg, impl)
             load_ava_into_mixtral(ava, hf)
             models[name] = hf
         except ImportError as exc:
@@ -190,6 +198,8 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
     results: dict[str, Any] = {}
     names = ("ava", "ava_compiled", "hf", "hf_compiled", "hf_eager")  # each compiled row under its eager one
     for name in (n for n in names if compile or not n.endswith(COMPILED)):
+        if name.removesuffix(COMPILED) not in ("ava", *peers):
+            continue
         if name not in models:
             results[name] = {"status": status.get(name, "not run")}
             continue
@@ -208,7 +218,7 @@ def run_train(preset: str, *, batch: int, seq_len: int, steps: int, warmup: int,
         "results": results,
         "other_threads": {str(t): v for t, v in by_threads.items() if t != counts[0]},
     }
-    if "hf" in models:
+    if len(models) > 1:
         payload["loss_abs_diff_step0"] = max(abs(loss0["ava"] - loss0[n]) for n in models if n != "ava")
         payload["speedup_tokens_per_s"] = {n: results["ava"]["tokens_per_s"] / results[n]["tokens_per_s"]
                                            for n in models if n != "ava"}

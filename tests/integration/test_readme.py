@@ -136,6 +136,8 @@ COMMANDS: Dict[str, How] = {
                                             why="the same code path at --quick's sizes; the preset takes ~11 min"),
     "ava-bench train --reduced --compile": How(covered_by="tests/unit/bench/test_cli.py",
                                                why="--compile at --quick's sizes; this takes ~4.5 min"),
+    "ava-bench gpu --dry-run --out gpu.json": How(covered_by="tests/unit/bench/test_gpu_bench.py",
+                                                  why="run there with --threads 1 and a scratch --workdir"),
     # --- Development
     "ruff check .": How(expect="All checks passed!", in_repo=True),
     "python -m pytest tests/unit": How(covered_by=".ci/run", why="the suite itself"),

@@ -96,6 +96,8 @@ def test_step_timer_flops_and_peak_table():
     assert set(m) == {f"perf/time_{p}_s" for p in StepTimer.PHASES} and all(v >= 0 for v in m.values())
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA H200") == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("Some CPU") is None
     assert device_peak_tflops(torch.device("cpu"), None) is None
