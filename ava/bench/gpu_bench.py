@@ -7,7 +7,7 @@ Four parts, each in a process of its own under a time cap of its own:
   experts), a dense MLP of the same active FLOPs (the upper bound) and a raw matmul of them;
 - `train`: the `base` preset's training step against `MixtralForCausalLM` of the same weights
   (`ava.bench.train_bench`), MFU against the device's dense bf16 peak;
-- `train_compiled`: Ava's step again with its blocks compiled (`ava.train.compile.compile_blocks`);
+- `train_compiled`: Ava's step eager beside a copy with its blocks compiled (`trainer.compile`);
 - `main_job`: a few steps of the README's main job (`ava-train experiment=cpu_demo`) on one GPU
   under DeepSpeed ZeRO-2 in bf16, launched as `python -m ava.train`.
 

@@ -219,6 +219,9 @@ def init_deepspeed_single_process() -> Optional[str]:
             os.environ["MASTER_PORT"] = str(free_port())
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
+        from ava.train.ds_compat import skip_shm_all_reduce
+
+        skip_shm_all_reduce()
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         return None
     except Exception as exc:  # reported in the table, never silently dropped

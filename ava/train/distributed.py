@@ -8,13 +8,11 @@ The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, List, Optional
 
 import torch.distributed as dist
@@ -109,6 +107,9 @@ def init_distributed(timeout_s: Optional[float] = None) -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
+    from ava.train.ds_compat import skip_shm_all_reduce
+
+    skip_shm_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
     from deepspeed.accelerator import get_accelerator
@@ -116,9 +117,6 @@ def init_distributed(timeout_s: Optional[float] = None) -> None:
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ["LOCAL_RANK"]))
-    elif world_size() > 1:
-        barrier()  # every rank has mapped every rank's shared-memory segment by now
-        release_shm_segment()
     if rank() == 0:
         log.info("process group: %s, %d rank(s), timeout %ds", backend, world_size(),
                  int(timeout.total_seconds()))
@@ -142,21 +140,6 @@ def shutdown_and_exit(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
-
-
-SHM_SEGMENT_PREFIX = "deepspeed_allreduce_buffer"  # deepspeed/ops/csrc/cpu/comm/shm.cpp
-SHM_DIR = Path("/dev/shm")
-
-
-def release_shm_segment() -> None:
-    """Unlink this rank's segment of DeepSpeed's CPU shared-memory all-reduce. DeepSpeed creates
-    one per rank when the backend starts (named by uid, master address, port and rank)
-    and never unlinks it, so every multi-rank CPU run would leave them in RAM. Once every rank
-    has mapped every segment the names are not needed; the memory is freed at process exit."""
-    name = (f"{SHM_SEGMENT_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank()}")
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        (SHM_DIR / name).unlink()
 
 
 LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",

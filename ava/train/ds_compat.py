@@ -2,14 +2,14 @@
 
 Ava skips unhealthy steps through private ZeRO optimizer methods (`ava.train.step_guard`), builds
 its expert-parallel layer on AutoEP's all-to-all and DeepSpeed's expert-group helpers
-(`ava.train.sharded_moe`), and releases the shared-memory segments of DeepSpeed's CPU
-all-reduce by name (`ava.train.distributed`), and switches DeepSpeed's universal-checkpoint loading
-on for one load through the engine's config, mending what its ZeRO-3 loader gets wrong
-(`universal_loading`, for `ava.train.elastic`), and builds ZeRO-3 models through a `zero.Init`
-whose per-module hook it extends (`ava.train.partitioned`). None of these is public API, so they are pinned to
-the versions the suite ran with (`pyproject.toml` states the same range) and looked up here,
-before any process group exists: outside the range, or with a piece missing, the run stops with
-the version, the range and the missing names instead of an AttributeError mid-step.
+(`ava.train.sharded_moe`), keeps DeepSpeed from compiling its CPU shared-memory all-reduce
+(`skip_shm_all_reduce`), switches DeepSpeed's universal-checkpoint loading on for one load
+through the engine's config, mending what its ZeRO-3 loader gets wrong (`universal_loading`, for
+`ava.train.elastic`), and builds ZeRO-3 models through a `zero.Init` whose per-module hook it
+extends (`ava.train.partitioned`). None of these is public API, so they are pinned to the versions
+the suite ran with (`pyproject.toml` states the same range) and looked up here, before any process
+group exists: outside the range, or with a piece missing, the run stops with the version, the
+range and the missing names instead of an AttributeError mid-step.
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ REQUIRED = {
                                               "AutoEPMoELayer"],
     "deepspeed.utils.groups": ["_get_expert_parallel_group_dict", "_create_expert_and_data_parallel",
                                "_get_expert_parallel_rank", "_get_expert_parallel_group"],
+    "deepspeed.ops": ["__compatible_ops__"],
+    "deepspeed.ops.op_builder.cpu": ["ShareMemCommBuilder.NAME"],
 }
-SHM_SOURCE = "ops/csrc/cpu/comm/shm.cpp"  # defines the segment name distributed.py releases
 
 
 def missing_internals() -> List[str]:
-    """The names in `REQUIRED` (and the shared-memory segment name) this DeepSpeed lacks."""
-    from ava.train.distributed import SHM_SEGMENT_PREFIX
-
+    """The names in `REQUIRED` this DeepSpeed lacks."""
     missing = []
     for module_name, names in REQUIRED.items():
         try:
@@ -61,11 +60,6 @@ def missing_internals() -> List[str]:
                 if obj is None:
                     missing.append(f"{module_name}.{dotted}")
                     break
-    import deepspeed
-
-    shm = Path(deepspeed.__file__).parent / SHM_SOURCE
-    if shm.is_file() and f'"{SHM_SEGMENT_PREFIX}"' not in shm.read_text():
-        missing.append(f"{SHM_SOURCE}: segment name {SHM_SEGMENT_PREFIX!r}")
     return missing
 
 
@@ -85,6 +79,18 @@ def check_deepspeed(version: str | None = None) -> None:
     if missing:
         raise ConfigError(f"DeepSpeed {found} lacks internals Ava uses: {', '.join(missing)}; "
                           f"install a release Ava is tested with: pip install '{wanted}'")
+
+
+def skip_shm_all_reduce() -> None:
+    """Call before `deepspeed.init_distributed`: its CPU backend would otherwise JIT-compile the
+    shared-memory all-reduce kernel (`ShareMemCommBuilder`) that only DeepSpeed's tensor-parallel
+    inference calls (`inference_all_reduce`, which falls back to the process group without it).
+    Ava never calls it, and the build cost the main job 25 s on its first run and two compiler
+    processes of 1.5 GB each, and every multi-rank run a 69 MB /dev/shm segment per rank."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 @contextmanager

@@ -205,17 +205,6 @@ def extra_conf(corpus: Path, chat_corpus: Path, tmp_path_factory: pytest.TempPat
     return root
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_leaked_shared_memory():
-    """Remove DeepSpeed CPU all-reduce segments that this session's runs left in /dev/shm (a rank
-    killed before it released its own): they live in RAM, ~69 MB each, until the machine reboots."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    yield
-    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
-        path.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="session")
 def trainer(corpus: Path, data_cache: Path, extra_conf: Path) -> Trainer:
     return Trainer(corpus, data_cache, extra_conf)
