@@ -5,7 +5,8 @@ one of 1 rank on 2. ZeRO-1 (DeepSpeed AutoEP) and ZeRO-2 (Ava's sharded layer, w
 bias): a checkpoint of 2 ranks without expert parallelism continues on 2 ranks at
 expert_parallel_size=2, and that run's checkpoint on 1 rank without; every rank holds the experts
 it should, as saved. Without trainer.elastic the change is refused. And the whole story on one
-machine: two torchrun "nodes" with node-local caches, one killed, the run finished on the other."""
+machine: two torchrun "nodes" with node-local caches, one killed, the run finished on the other,
+continuing its (offline) W&B run."""
 
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def test_two_nodes_lose_one_and_the_run_finishes_on_the_other(trainer, tmp_path)
     run_dir = tmp_path / "run"  # shared by both nodes, as a cluster's shared filesystem
     run_dir.mkdir()
     caches = [tmp_path / "node0_cache", tmp_path / "node1_cache"]
-    common = ["deepspeed=zero2", *ELASTIC, f"trainer.dist_timeout_s={DIST_TIMEOUT_S}"]
+    common = ["deepspeed=zero2", *ELASTIC, f"trainer.dist_timeout_s={DIST_TIMEOUT_S}", "logger=wandb",
+              "logger.project=ava-test", "logger.heatmap_every=0", "logger.report=false"]  # offline W&B
     port = trainer.free_port()
     procs = [start_node(nodes, node, port, run_dir, [*common, "trainer.max_steps=1000"], caches[node])
              for node in (0, 1)]
@@ -207,6 +209,8 @@ def test_two_nodes_lose_one_and_the_run_finishes_on_the_other(trainer, tmp_path)
     assert (f"elastic resume from {tag}: world size 2 -> 1, expert_parallel_size 1 -> 1, gradient accumulation "
             "1 -> 2, micro-batch 4: the global batch of 8 stays") in resumed.output
     assert f"data: reusing cache {caches[0] / 'data' / built[0][0]}" in resumed.output
+    run_id = json.loads((run_dir / "wandb_state.json").read_text())["id"]
+    assert f"W&B: continuing run {run_id} after step" in resumed.output  # the same W&B run goes on
     losses = resumed.losses()
     assert sorted(s for s in losses if s > saved) == list(range(saved + 1, end + 1))
     assert steps_before >= set(range(1, saved + 1))
