@@ -135,7 +135,7 @@ COMMANDS: Dict[str, How] = {
     "ava-bench train --out train.json": How(covered_by="tests/unit/bench/test_cli.py",
                                             why="the same code path at --quick's sizes; the preset takes ~11 min"),
     "ava-bench train --reduced --compile": How(covered_by="tests/unit/bench/test_cli.py",
-                                               why="--compile at --quick's sizes; this takes ~4.5 min"),
+                                               why="--compile at --quick's sizes; this takes 1-5 min"),
     "ava-bench gpu --dry-run --out gpu.json": How(covered_by="tests/unit/bench/test_gpu_bench.py",
                                                   why="run there with --threads 1 and a scratch --workdir"),
     # --- Development
