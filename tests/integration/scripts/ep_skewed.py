@@ -17,7 +17,7 @@ import torch
 
 from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
 from ava.model.transformer import AvaForCausalLM
-from ava.train.distributed import shutdown_and_exit
+from ava.train.distributed import init_distributed, shutdown_and_exit
 from ava.train.engine import build_engine
 from ava.train.plan import make_plan
 
@@ -32,9 +32,7 @@ def main() -> None:
     trainer = TrainerConfig(expert_parallel_size=ep, micro_batch_size=2, optimizer_impl="torch",
                             precision="fp32", lr=1e-3, warmup_steps=0, max_steps=STEPS)
     plan = make_plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # Ava's, as the trainer does (DeepSpeed's own would JIT-build a kernel first)
     torch.manual_seed(0)
     model = AvaForCausalLM(cfg)
     with torch.no_grad():  # a large constant feature, read only by experts 0 and 1's router rows
