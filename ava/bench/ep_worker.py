@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ava.train.distributed import shutdown_and_exit
+from ava.train.distributed import init_distributed, shutdown_and_exit
 
 
 def main() -> None:
@@ -27,12 +27,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    import deepspeed
-
     from ava.bench.train_bench import make_batch
     from ava.config import DeepSpeedConfig, TrainerConfig, model_preset
     from ava.model.transformer import AvaForCausalLM
-    from ava.train.ds_compat import skip_shm_all_reduce
     from ava.train.engine import build_engine
     from ava.train.expert_parallel import implementation
     from ava.train.plan import make_plan
@@ -45,8 +42,7 @@ def main() -> None:
     trainer = TrainerConfig(expert_parallel_size=args.ep, micro_batch_size=args.batch, precision="fp32",
                             optimizer_impl="torch", warmup_steps=0, max_steps=args.warmup + args.steps)
     plan = make_plan(trainer, DeepSpeedConfig(config="zero2"), cfg, world)
-    skip_shm_all_reduce()
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    init_distributed()
     torch.manual_seed(0)
     engine = build_engine(AvaForCausalLM(cfg), trainer, plan)
     rank = engine.global_rank

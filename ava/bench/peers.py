@@ -205,24 +205,12 @@ class _SwiGLU(nn.Module):
 
 
 def init_deepspeed_single_process() -> Optional[str]:
-    """A one-rank gloo group for `deepspeed.comm`; returns why it failed, or None."""
+    """A one-rank group for `deepspeed.comm`; returns why it failed, or None."""
     try:
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-        import deepspeed
-        import deepspeed.comm as dist
+        from ava.train.distributed import init_distributed
 
-        if dist.is_initialized():
-            return None
-        if "MASTER_PORT" not in os.environ:
-            from ava.train.distributed import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        from ava.train.ds_compat import skip_shm_all_reduce
-
-        skip_shm_all_reduce()
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        init_distributed()  # the trainer's single-process path: a launcher's env, then DeepSpeed's backend
         return None
     except Exception as exc:  # reported in the table, never silently dropped
         return f"deepspeed.comm init failed: {type(exc).__name__}: {exc}"
