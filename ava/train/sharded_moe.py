@@ -52,8 +52,8 @@ class ExpertFFN(nn.Module):
 
     def forward(self, x_NH: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            return swiglu_forward(x_NH, self.w_gate_up, self.w_down)[0]
-        return gelu_forward(x_NH, self.w1, self.w2, self.b1, self.b2)[0]
+            return swiglu_forward(x_NH, self.w_gate_up, self.w_down)
+        return gelu_forward(x_NH, self.w1, self.w2, self.b1, self.b2)
 
 
 class ShardedMoELayer(MoE):
