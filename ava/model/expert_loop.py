@@ -1,8 +1,8 @@
 """The per-expert loop backend: each expert's GEMMs over its own rows, one autograd node per layer.
 
-On a CPU this beats the sorted grouped matmul once an expert gets more than a few hundred rows (plain
-GEMMs per expert; the combine is one `index_add_`, no scatter through a position map). It has a
-hand-written backward, so per-expert weight
+On a CPU this beats the sorted grouped matmul once an expert gets more than a few hundred rows: each
+expert's rows, activations and outputs stay in cache from its gather to its weighted add, and no
+`[T·K, H]` dispatch or combine buffer is built. It has a hand-written backward, so per-expert weight
 gradients land in slices of one `[E, ...]` buffer (autograd over `w[e]` would allocate a full
 `[E, ...]` gradient per expert) and the Python overhead per expert is a few calls. It needs the
 per-expert counts on the host (one sync per layer), which costs nothing on a CPU.
@@ -42,79 +42,25 @@ def _spans(counts: list[int]) -> list[tuple[int, slice]]:
     return spans
 
 
-def _per_expert_mm(a_KI: Tensor, w_EIO: Tensor, b_EO: Optional[Tensor], spans: list[tuple[int, slice]]
-                   ) -> Tensor:
-    """`a[rows] @ w[e] (+ b[e])` for each expert's rows, written into one `[K, O]` tensor."""
-    out = a_KI.new_empty(a_KI.shape[0], w_EIO.shape[-1])
-    for e, rows in spans:
-        if b_EO is None:
-            torch.mm(a_KI[rows], w_EIO[e], out=out[rows])
-        else:
-            torch.addmm(b_EO[e], a_KI[rows], w_EIO[e], out=out[rows])
-    return out
+def _mm(a: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> None:
+    if b is None:
+        torch.mm(a, w, out=out)
+    else:
+        torch.addmm(b, a, w, out=out)
 
 
-def _weight_grads(a_KI: Tensor, g_KO: Tensor, spans: list[tuple[int, slice]], like: Tensor) -> Tensor:
-    """`[E, I, O]` gradient of `_per_expert_mm`'s weight: `a[rows]ᵀ @ g[rows]` per expert, zero for
-    idle experts (one buffer: autograd over `w[e]` would allocate a full `[E, ...]` per expert)."""
-    grad = torch.zeros_like(like)
-    for e, rows in spans:
-        torch.mm(a_KI[rows].t(), g_KO[rows], out=grad[e])
-    return grad
+class _Scratch:
+    """Per-expert working rows, carved from buffers of a power-of-two number of rows, at least the
+    busiest expert's: a handful of sizes over a run instead of one per routing decision."""
 
+    def __init__(self, like: Tensor, counts: list[int]) -> None:
+        self.like, self.rows = like, 1 << max(max(counts) - 1, 0).bit_length()
+        self.buffers: dict[str, Tensor] = {}
 
-def _bias_grads(g_KO: Tensor, spans: list[tuple[int, slice]], like: Optional[Tensor]) -> Optional[Tensor]:
-    if like is None:
-        return None
-    grad = torch.zeros_like(like)
-    for e, rows in spans:
-        torch.sum(g_KO[rows], dim=0, out=grad[e])
-    return grad
-
-
-def _swiglu_slots(x_KH: Tensor, spans: list[tuple[int, slice]], w_gate_up: Tensor, w_down: Tensor
-                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """`swiglu_forward` over every expert's rows; keeps the `[K, 2I]` gate|up product."""
-    gate_up = _per_expert_mm(x_KH, w_gate_up, None, spans)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return _per_expert_mm(F.silu(gate) * up, w_down, None, spans), (gate_up,)
-
-
-def _swiglu_slots_backward(grad_y: Tensor, x_KH: Tensor, saved: tuple[Tensor, ...],
-                           spans: list[tuple[int, slice]], w_gate_up: Tensor, w_down: Tensor
-                           ) -> tuple[Tensor, list[Optional[Tensor]]]:
-    """The gate and up gradients are written side by side into one `[K, 2I]` buffer, so `x`'s and
-    `w_gate_up`'s gradients are one GEMM per expert against the fused weight."""
-    (gate_up,) = saved
-    gate, up = gate_up.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    grad_w_down = _weight_grads(silu * up, grad_y, spans, w_down)
-    grad_act = _per_expert_mm(grad_y, w_down.transpose(1, 2), None, spans)
-    grad_gate_up = torch.empty_like(gate_up)
-    grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-    torch.mul(grad_act * up, sig * (1.0 + gate * (1.0 - sig)), out=grad_gate)
-    torch.mul(grad_act, silu, out=grad_up)
-    grad_w_gate_up = _weight_grads(x_KH, grad_gate_up, spans, w_gate_up)
-    return _per_expert_mm(grad_gate_up, w_gate_up.transpose(1, 2), None, spans), [grad_w_gate_up, grad_w_down]
-
-
-def _gelu_slots(x_KH: Tensor, spans: list[tuple[int, slice]], w1: Tensor, w2: Tensor, b1: Optional[Tensor],
-                b2: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """`gelu_forward` over every expert's rows; keeps the `[K, I]` pre-activation."""
-    pre = _per_expert_mm(x_KH, w1, b1, spans)
-    return _per_expert_mm(F.gelu(pre), w2, b2, spans), (pre,)
-
-
-def _gelu_slots_backward(grad_y: Tensor, x_KH: Tensor, saved: tuple[Tensor, ...], spans: list[tuple[int, slice]],
-                         w1: Tensor, w2: Tensor, b1: Optional[Tensor], b2: Optional[Tensor]
-                         ) -> tuple[Tensor, list[Optional[Tensor]]]:
-    (pre,) = saved
-    grad_w2 = _weight_grads(F.gelu(pre), grad_y, spans, w2)
-    grad_pre = torch.ops.aten.gelu_backward(_per_expert_mm(grad_y, w2.transpose(1, 2), None, spans), pre)
-    grads = [_weight_grads(x_KH, grad_pre, spans, w1), grad_w2,
-             _bias_grads(grad_pre, spans, b1), _bias_grads(grad_y, spans, b2)]
-    return _per_expert_mm(grad_pre, w1.transpose(1, 2), None, spans), grads
+    def __call__(self, name: str, n: int, width: int) -> Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = self.like.new_empty(self.rows, width)
+        return self.buffers[name][:n]
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -124,41 +70,96 @@ class _ExpertLoop(torch.autograd.Function):
     past `sum(counts)` and never touched. `params` are the stacked `[E, ...]` expert tensors in the
     order the activation's forward takes them (None for an absent bias).
 
-    Every buffer spans all `K = sum(counts)` kept slots, each expert's GEMMs writing its rows in
-    place (`out=`): K is the same every step (tokens × top-k, less drops), whereas per-expert
-    buffers change size with each routing decision, and glibc's heap, serving those sizes, kept
-    the holes (the main job's peak RSS: 1.09 GiB, 0.95 once every buffer has a fixed size).
+    Each expert's chain (gather, GEMM, activation, GEMM, weighted add) runs on its own rows while
+    they are in cache, but nothing is allocated at its size: what the backward keeps is written
+    into `[K, ...]` tensors (K = tokens × top-k less drops, the same every step) and the rest into
+    `_Scratch` rows. Tensors sized by each routing decision left holes that glibc's heap kept: the
+    main job's peak RSS climbed step after step, to 1.09 GiB by step 100 (0.93 without them).
     """
 
     @staticmethod
     def forward(ctx, activation, counts, x_TH, token_S, weight_S, *params):  # type: ignore[override]
         spans = _spans(counts)
         kept = sum(counts)
-        token_K = token_S[:kept]
-        forward_fn = _swiglu_slots if activation == "swiglu" else _gelu_slots
-        y_KH, keep = forward_fn(x_TH.index_select(0, token_K), spans, *params)
-        y_TH = torch.zeros_like(x_TH).index_add_(0, token_K, y_KH * weight_S[:kept, None].to(y_KH.dtype))
-        ctx.activation, ctx.spans, ctx.kept, ctx.num_params = activation, spans, kept, len(params)
+        scratch = _Scratch(x_TH, counts)
+        h, i = x_TH.shape[1], params[1].shape[1]  # w_down / w2: [E, I, H]
+        y_KH = x_TH.new_empty(kept, h)
+        inner_KI = x_TH.new_empty(kept, 2 * i if activation == "swiglu" else i)  # gate|up, or pre-GELU
+        y_TH = torch.zeros_like(x_TH)
+        for e, rows in spans:
+            n, tokens = rows.stop - rows.start, token_S[rows]
+            x = torch.index_select(x_TH, 0, tokens, out=scratch("x", n, h))
+            act = scratch("act", n, i)
+            if activation == "swiglu":
+                w_gate_up, w_down = params
+                _mm(x, w_gate_up[e], None, inner_KI[rows])
+                gate, up = inner_KI[rows].chunk(2, dim=-1)
+                torch.ops.aten.silu.out(gate, out=act).mul_(up)
+                _mm(act, w_down[e], None, y_KH[rows])
+            else:
+                w1, w2, b1, b2 = params
+                _mm(x, w1[e], None if b1 is None else b1[e], inner_KI[rows])
+                torch.ops.aten.gelu.out(inner_KI[rows], out=act)
+                _mm(act, w2[e], None if b2 is None else b2[e], y_KH[rows])
+            y_TH.index_add_(0, tokens, torch.mul(y_KH[rows], weight_S[rows, None].to(x.dtype), out=x))
+        ctx.activation, ctx.counts, ctx.num_params = activation, counts, len(params)
         # everything through save_for_backward (None for an absent bias), so activation
         # checkpointing's saved-tensor hooks also drop and recompute the expert activations
-        ctx.save_for_backward(x_TH, token_S, weight_S, *params, y_KH, *keep)
+        ctx.save_for_backward(x_TH, token_S, weight_S, *params, y_KH, inner_KI)
         return y_TH
 
     @staticmethod
     def backward(ctx, grad_TH):  # type: ignore[override]
         x_TH, token_S, weight_S, *rest = ctx.saved_tensors
-        params, (y_KH, *keep) = rest[:ctx.num_params], rest[ctx.num_params:]
-        kept = ctx.kept
-        token_K = token_S[:kept]
-        grad_out = grad_TH.contiguous().index_select(0, token_K)
+        params, (y_KH, inner_KI) = rest[:ctx.num_params], rest[ctx.num_params:]
+        swiglu = ctx.activation == "swiglu"
+        scratch = _Scratch(x_TH, ctx.counts)
+        h, i = x_TH.shape[1], params[1].shape[1]
+        grad_TH = grad_TH.contiguous()
+        grad_x = torch.zeros_like(x_TH)
+        grad_weight_K = y_KH.new_empty(y_KH.shape[0])
+        grad_params = [None if p is None else torch.zeros_like(p) for p in params]
+        for e, rows in _spans(ctx.counts):
+            n, tokens = rows.stop - rows.start, token_S[rows]
+            grad_y = torch.index_select(grad_TH, 0, tokens, out=scratch("grad_y", n, h))
+            x = scratch("x", n, h)
+            # multiply-then-sum: autograd's reduction order, so router gradients match the reference
+            torch.sum(torch.mul(y_KH[rows], grad_y, out=x), dim=-1, out=grad_weight_K[rows])
+            grad_y.mul_(weight_S[rows, None].to(grad_y.dtype))
+            act, grad_act = scratch("act", n, i), scratch("grad_act", n, i)
+            if swiglu:
+                w_gate_up, w_down = params
+                grad_w_gate_up, grad_w_down = grad_params
+                gate, up = inner_KI[rows].chunk(2, dim=-1)
+                sig = torch.sigmoid(gate, out=scratch("sig", n, i))
+                silu = torch.mul(gate, sig, out=scratch("silu", n, i))
+                torch.mm(torch.mul(silu, up, out=act).t(), grad_y, out=grad_w_down[e])
+                torch.mm(grad_y, w_down[e].t(), out=grad_act)
+                # the gate and up gradients side by side in one [n, 2I] block: x's and w_gate_up's
+                # gradients are then one GEMM each against the fused weight
+                grad_inner = scratch("grad_gate_up", n, 2 * i)
+                grad_gate, grad_up = grad_inner.chunk(2, dim=-1)
+                torch.mul(grad_act, silu, out=grad_up)
+                slope = torch.neg(sig, out=silu).add_(1.0).mul_(gate).add_(1.0).mul_(sig)  # silu is spent
+                torch.mul(grad_act, up, out=grad_gate).mul_(slope)
+                w_in, grad_w_in = w_gate_up[e], grad_w_gate_up[e]
+            else:
+                w1, w2 = params[:2]
+                grad_w1, grad_w2, grad_b1, grad_b2 = grad_params
+                pre = inner_KI[rows]
+                torch.mm(torch.ops.aten.gelu.out(pre, out=act).t(), grad_y, out=grad_w2[e])
+                torch.mm(grad_y, w2[e].t(), out=grad_act)
+                grad_inner = torch.ops.aten.gelu_backward.grad_input(grad_act, pre, grad_input=act)
+                if grad_b1 is not None:
+                    torch.sum(grad_inner, dim=0, out=grad_b1[e])
+                if grad_b2 is not None:
+                    torch.sum(grad_y, dim=0, out=grad_b2[e])
+                w_in, grad_w_in = w1[e], grad_w1[e]
+            torch.index_select(x_TH, 0, tokens, out=x)
+            torch.mm(x.t(), grad_inner, out=grad_w_in)
+            grad_x.index_add_(0, tokens, torch.mm(grad_inner, w_in.t(), out=x))
         grad_weight_S = torch.zeros_like(weight_S)
-        # multiply-then-sum: autograd's reduction order, so router gradients match the reference
-        grad_weight_S[:kept] = (y_KH * grad_out).sum(dim=-1).to(weight_S.dtype)
-        grad_y = grad_out.mul_(weight_S[:kept, None].to(grad_out.dtype))
-        backward_fn = _swiglu_slots_backward if ctx.activation == "swiglu" else _gelu_slots_backward
-        grad_x_KH, grad_params = backward_fn(grad_y, x_TH.index_select(0, token_K), tuple(keep), ctx.spans,
-                                             *params)
-        grad_x = torch.zeros_like(x_TH).index_add_(0, token_K, grad_x_KH)
+        grad_weight_S[:grad_weight_K.shape[0]] = grad_weight_K.to(weight_S.dtype)
         return (None, None, grad_x, None, grad_weight_S, *grad_params)
 
 

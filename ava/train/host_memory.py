@@ -13,7 +13,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Dict, Optional
 
 from ava.observe.callbacks import Callback, StepOutput, TrainState
 
@@ -33,7 +34,9 @@ def malloc_trim() -> Optional[Callable[[], int]]:
 
 
 class HostMemoryTrim(Callback):
-    """`malloc_trim` every `every` optimizer steps (`trainer.trim_host_memory_every`)."""
+    """`malloc_trim` every `every` optimizer steps (`trainer.trim_host_memory_every`), and after each
+    evaluation and checkpoint save: their buffers (full logits, state-dict copies) are shaped
+    unlike a step's, and left in the heap they raised the next step's peak."""
 
     name = "host_memory_trim"
 
@@ -45,4 +48,12 @@ class HostMemoryTrim(Callback):
 
     def post_step(self, state: TrainState, output: StepOutput) -> None:
         if self.trim is not None and state.step % self.every == 0:
+            self.trim()
+
+    def on_eval(self, state: TrainState, metrics: Dict[str, float]) -> None:
+        if self.trim is not None:
+            self.trim()
+
+    def post_checkpoint_saved(self, state: TrainState, tag_dir: Path) -> None:
+        if self.trim is not None:
             self.trim()

@@ -1,11 +1,15 @@
-"""`model.expert_backend`: what `auto` picks, and the backends agree when experts get no rows."""
+"""`model.expert_backend`: what `auto` picks, the backends agree when experts get no rows, and the
+loop's allocations do not follow the routing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ava.config import model_preset
+from ava.model.expert_loop import expert_loop
 from ava.model.experts import resolve_backend
 from ava.model.moe import MoELayer
 
@@ -85,3 +89,39 @@ def test_every_backend_trains_in_bf16(backend, activation):
     for losses in (_train_losses(cfg, ids, 3, autocast=True), _train_losses(cfg, ids, 3, False, torch.bfloat16)):
         assert losses == pytest.approx(reference, rel=2e-2)
         assert losses != reference  # bf16 really ran: fp32 would agree to the last bit
+
+
+class _Allocations(TorchDispatchMode):
+    """The byte size of every tensor an op allocates (outputs that alias no input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.sizes += [t.untyped_storage().nbytes() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_the_loop_allocates_nothing_shaped_by_the_routing(activation):
+    """Two routings of the same tokens (busiest expert 7 and 8 rows: one scratch size) allocate the
+    same tensors: buffers sized per expert left heap holes that raised the main job's RSS each step."""
+    t, h, i, k, e = 8, 16, 24, 2, 4
+
+    def allocations(counts: list[int]) -> list[int]:
+        torch.manual_seed(0)
+        x = torch.randn(t, h, requires_grad=True)
+        weight = torch.rand(t * k, requires_grad=True)
+        shapes = [(e, h, 2 * i), (e, i, h)] if activation == "swiglu" else [(e, h, i), (e, i, h), (e, i), (e, h)]
+        params = tuple(torch.randn(*s, requires_grad=True) for s in shapes)
+        with _Allocations() as mode:
+            y = expert_loop(x, torch.randperm(t * k) // k, weight, counts, activation, params)
+            y.backward(torch.ones(t, h))
+        return sorted(mode.sizes)
+
+    first = allocations([5, 3, 7, 1])
+    assert first and first == allocations([2, 8, 4, 2])
