@@ -35,8 +35,8 @@ def malloc_trim() -> Optional[Callable[[], int]]:
 
 class HostMemoryTrim(Callback):
     """`malloc_trim` every `every` optimizer steps (`trainer.trim_host_memory_every`), and after each
-    evaluation and checkpoint save: their buffers (full logits, state-dict copies) are shaped
-    unlike a step's, and left in the heap they raised the next step's peak."""
+    evaluation (its full logits, shaped unlike a step's, left in the heap raised the next step's
+    peak) and each checkpoint save (its serialisation buffers are as unlike a step's)."""
 
     name = "host_memory_trim"
 
